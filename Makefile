@@ -1,0 +1,29 @@
+# kas-ray: one command to run, one to test. Works on a fresh Debian/Ubuntu machine with Python 3.11.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.installed
+
+.PHONY: run demo test lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev,gcp,pkcs11]'
+	touch $(STAMP)
+
+## run: the main job (the coalition demo scenario)
+run: $(STAMP)
+	$(VENV)/bin/kas-ray demo
+
+demo: run
+
+## test: install what the tests need and run the whole suite
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check kas_ray tests perf
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,241 @@
+"""Configuration models: every tunable of kas-ray lives here, validated by pydantic.
+
+Attribute definitions, clearance equivalences and the trust registry come from configuration
+files (YAML or JSON), never from code paths; :func:`load_yaml` reads any of these models.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from enum import Enum
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kas_ray.errors import ConfigError
+
+#: NATO levels, lowest first. National names map onto these through ``clearance_equivalence``.
+NATO_LEVELS = ["UNCLASSIFIED", "RESTRICTED", "CONFIDENTIAL", "SECRET", "TOP_SECRET"]
+DEFAULT_NATIONS = ["USA", "FRA", "GBR"]
+DEFAULT_AUDIENCE = "kas-ray"
+STATE_DIR_ENV = "KAS_RAY_STATE_DIR"
+
+Profile = Literal["dev", "prod"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def normalize_label(value: str) -> str:
+    """Canonical form of a label or clearance name: upper case, runs of space/-/_ as one ``_``."""
+    return re.sub(r"[\s_\-]+", "_", value.strip()).upper()
+
+
+# --- ABAC -------------------------------------------------------------------------------------------
+class RuleType(str, Enum):
+    """OpenTDF attribute rule types."""
+
+    HIERARCHY = "hierarchy"
+    ANY_OF = "anyOf"
+    ALL_OF = "allOf"
+
+
+SubjectField = Literal["clearance", "nationality", "coi"]
+
+
+class AttributeDefinition(_Model):
+    """One attribute of the ACP-240 label set.
+
+    ``values`` are the allowed values: for ``hierarchy`` ordered **lowest first** and required;
+    for ``anyOf``/``allOf`` an empty list means any value is allowed (open set, e.g. nation codes).
+    ``subject`` names the subject attribute the rule compares against.
+    """
+
+    rule: RuleType
+    subject: SubjectField
+    values: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _hierarchy_needs_values(self) -> AttributeDefinition:
+        if self.rule is RuleType.HIERARCHY and not self.values:
+            raise ValueError("a hierarchy attribute needs its ordered values")
+        return self
+
+
+def _default_attributes() -> dict[str, AttributeDefinition]:
+    return {
+        "classification": AttributeDefinition(rule=RuleType.HIERARCHY, subject="clearance", values=NATO_LEVELS),
+        "releasable-to": AttributeDefinition(rule=RuleType.ANY_OF, subject="nationality"),
+        "coi": AttributeDefinition(rule=RuleType.ALL_OF, subject="coi"),
+    }
+
+
+def _default_clearance_equivalence() -> dict[str, dict[str, str]]:
+    # National marking -> NATO level. Names are compared after normalize_label().
+    return {
+        "NATO": {level: level for level in NATO_LEVELS} | {"NATO_UNCLASSIFIED": "UNCLASSIFIED",
+                 "NATO_RESTRICTED": "RESTRICTED", "NATO_CONFIDENTIAL": "CONFIDENTIAL",
+                 "NATO_SECRET": "SECRET", "COSMIC_TOP_SECRET": "TOP_SECRET"},
+        "USA": {"UNCLASSIFIED": "UNCLASSIFIED", "CONFIDENTIAL": "CONFIDENTIAL", "SECRET": "SECRET",
+                "TOP_SECRET": "TOP_SECRET"},
+        "FRA": {"NON_PROTEGE": "UNCLASSIFIED", "DIFFUSION_RESTREINTE": "RESTRICTED",
+                "CONFIDENTIEL_DEFENSE": "CONFIDENTIAL", "SECRET_DEFENSE": "SECRET", "SECRET": "SECRET",
+                "TRES_SECRET_DEFENSE": "TOP_SECRET", "TRES_SECRET": "TOP_SECRET"},
+        "GBR": {"OFFICIAL": "UNCLASSIFIED", "OFFICIAL_SENSITIVE": "RESTRICTED", "RESTRICTED": "RESTRICTED",
+                "CONFIDENTIAL": "CONFIDENTIAL", "SECRET": "SECRET", "TOP_SECRET": "TOP_SECRET",
+                "UK_SECRET": "SECRET", "UK_TOP_SECRET": "TOP_SECRET"},
+    }
+
+
+class AbacConfig(_Model):
+    """ACP-240 labels as OpenTDF attribute FQNs: ``https://{namespace}/attr/{name}/value/{value}``."""
+
+    namespace: str = "acp240.nato.int"
+    attributes: dict[str, AttributeDefinition] = Field(default_factory=_default_attributes)
+    #: Name of the embargo attribute; its value is an ISO-8601 UTC time before which access is denied.
+    embargo_attribute: str = "embargo"
+    #: Attributes every object must carry; an object without them is denied (fail closed).
+    required: list[str] = Field(default_factory=lambda: ["classification", "releasable-to"])
+    #: nation (or "NATO") -> national clearance name -> NATO level.
+    clearance_equivalence: dict[str, dict[str, str]] = Field(default_factory=_default_clearance_equivalence)
+
+    @field_validator("clearance_equivalence")
+    @classmethod
+    def _levels_known(cls, table: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+        out: dict[str, dict[str, str]] = {}
+        for nation, names in table.items():
+            out[nation.upper()] = {normalize_label(k): normalize_label(v) for k, v in names.items()}
+        return out
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AbacConfig:
+        for name in self.required:
+            if name not in self.attributes:
+                raise ValueError(f"required attribute {name!r} has no definition")
+        clearance_defs = [d for d in self.attributes.values() if d.subject == "clearance"]
+        for definition in clearance_defs:
+            levels = {normalize_label(v) for v in definition.values}
+            for nation, names in self.clearance_equivalence.items():
+                unknown = set(names.values()) - levels
+                if unknown:
+                    raise ValueError(f"clearance table {nation} maps to unknown levels {sorted(unknown)}")
+        return self
+
+
+# --- trust ------------------------------------------------------------------------------------------
+ALLOWED_TOKEN_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512"}
+)
+
+
+class JwksSource(_Model):
+    """Where an issuer's signing keys come from: a local JWKS file or a URL pinned here."""
+
+    file: Path | None = None
+    url: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> JwksSource:
+        if (self.file is None) == (self.url is None):
+            raise ValueError("give exactly one of jwks.file or jwks.url")
+        if self.url is not None and not self.url.startswith(("https://", "http://127.0.0.1", "http://localhost")):
+            raise ValueError("a JWKS URL must be https (plain http only on loopback)")
+        return self
+
+
+class ClaimNames(_Model):
+    """Token claim names that carry the subject attributes, per issuer."""
+
+    clearance: str = "clearance"
+    nationality: str = "countryOfAffiliation"
+    coi: str = "acpCOI"
+
+
+class IssuerConfig(_Model):
+    issuer: str = Field(description="exact `iss` value")
+    audiences: list[str] = Field(default_factory=lambda: [DEFAULT_AUDIENCE], min_length=1)
+    nations: list[str] = Field(min_length=1, description="nations this issuer may assert (ISO 3166 alpha-3)")
+    algorithms: list[str] = Field(default_factory=lambda: ["RS256", "PS256", "ES256"], min_length=1)
+    jwks: JwksSource
+    claims: ClaimNames = Field(default_factory=ClaimNames)
+    #: Clearance table used for this issuer's clearance names (defaults to the first nation).
+    clearance_system: str | None = None
+    #: A dev identity provider: trusted only under the ``dev`` profile.
+    dev: bool = False
+
+    @field_validator("algorithms")
+    @classmethod
+    def _asymmetric_only(cls, algorithms: list[str]) -> list[str]:
+        bad = [a for a in algorithms if a not in ALLOWED_TOKEN_ALGORITHMS]
+        if bad:
+            raise ValueError(f"algorithms {bad} are not allowed (asymmetric RS/PS/ES only; never none or HS*)")
+        return algorithms
+
+    @field_validator("nations")
+    @classmethod
+    def _upper(cls, nations: list[str]) -> list[str]:
+        return [n.upper() for n in nations]
+
+
+class DPoPConfig(_Model):
+    #: Require a DPoP proof on every rewrap (a token with ``cnf.jkt`` always requires one).
+    required: bool = False
+    #: Accepted age of a proof's ``iat`` (seconds, each side of now).
+    max_age_seconds: int = Field(default=300, gt=0, le=3600)
+    algorithms: list[str] = Field(default_factory=lambda: ["RS256", "PS256", "ES256", "ES384"])
+
+    @field_validator("algorithms")
+    @classmethod
+    def _asymmetric_only(cls, algorithms: list[str]) -> list[str]:
+        return IssuerConfig._asymmetric_only(algorithms)
+
+
+class TrustRegistry(_Model):
+    """Which token issuers a nation's KAS trusts, and how tokens are checked."""
+
+    profile: Profile = "dev"
+    issuers: list[IssuerConfig] = Field(default_factory=list)
+    leeway_seconds: int = Field(default=30, ge=0, le=300)
+    #: Minimum seconds between two JWKS refreshes of one issuer (unknown kid).
+    jwks_refresh_interval: float = Field(default=60.0, ge=0)
+    jwks_fetch_timeout: float = Field(default=5.0, gt=0, le=60)
+    dpop: DPoPConfig = Field(default_factory=DPoPConfig)
+    #: Accepted age of a signed request token (seconds).
+    signed_request_max_age_seconds: int = Field(default=300, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _profile_rules(self) -> TrustRegistry:
+        seen: set[str] = set()
+        for issuer in self.issuers:
+            if issuer.issuer in seen:
+                raise ValueError(f"issuer {issuer.issuer!r} listed twice")
+            seen.add(issuer.issuer)
+            if issuer.dev and self.profile == "prod":
+                raise ValueError(f"dev identity provider {issuer.issuer!r} is refused under the prod profile")
+        return self
+
+
+# --- helpers ----------------------------------------------------------------------------------------
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_yaml(path: str | os.PathLike[str], model: type[M]) -> M:
+    """Read a YAML/JSON file into ``model``; errors become one clear :class:`ConfigError`."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    try:
+        return model.model_validate(data or {})
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get(STATE_DIR_ENV) or ".kas-ray")

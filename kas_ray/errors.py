@@ -1,0 +1,154 @@
+"""Narrow exceptions for every failure kas-ray reports.
+
+Each class carries a stable machine-readable ``code`` and the HTTP status a service answers with,
+so the CLI, the HTTP layer and the audit log classify failures the same way. Messages never
+contain keys, DEKs or tokens.
+"""
+
+from __future__ import annotations
+
+
+class KasRayError(Exception):
+    """Base of every kas-ray error."""
+
+    code: str = "error"
+    http_status: int = 400
+
+    def __init__(self, message: str = "", **details: object) -> None:
+        super().__init__(message or self.__class__.__doc__ or self.code)
+        self.details = details
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else self.code
+
+
+# --- configuration --------------------------------------------------------------------------------
+class ConfigError(KasRayError):
+    """The configuration is invalid."""
+
+    code = "config_error"
+    http_status = 500
+
+
+# --- format / integrity ---------------------------------------------------------------------------
+class FormatError(KasRayError):
+    """The input is not a well-formed ZTDF/TDF3 object."""
+
+    code = "bad_format"
+
+
+class ManifestError(FormatError):
+    """The manifest is missing, not JSON, or does not match the schema."""
+
+    code = "bad_manifest"
+
+
+class PolicyFormatError(FormatError):
+    """The policy is not base64 JSON of the expected shape."""
+
+    code = "bad_policy"
+
+
+class TamperError(KasRayError):
+    """An integrity check failed: the object was modified or the key is wrong."""
+
+    code = "tampered"
+
+
+class PolicyBindingError(TamperError):
+    """The policy binding does not match the policy and key: the policy or the KAO was altered."""
+
+    code = "policy_binding_mismatch"
+
+
+class RootSignatureError(TamperError):
+    """The root signature does not match the segment hashes."""
+
+    code = "root_signature_mismatch"
+
+
+class SegmentHashError(TamperError):
+    """A segment hash in the manifest does not match the encrypted segment."""
+
+    code = "segment_hash_mismatch"
+
+
+class PayloadIntegrityError(TamperError):
+    """A payload segment failed AES-GCM authentication."""
+
+    code = "payload_tampered"
+
+
+class KeyUnwrapError(TamperError):
+    """A wrapped key could not be unwrapped (wrong key or altered ciphertext)."""
+
+    code = "key_unwrap_failed"
+
+
+# --- keys -------------------------------------------------------------------------------------------
+class KeyNotFoundError(KasRayError):
+    """No key with this kid is held by this KAS."""
+
+    code = "unknown_kid"
+
+
+class KeyBackendUnavailable(KasRayError):
+    """The key backend (HSM, KMS) did not answer in time; retry later."""
+
+    code = "key_backend_unavailable"
+    http_status = 503
+
+
+# --- trust ------------------------------------------------------------------------------------------
+class TokenError(KasRayError):
+    """The access token is missing or invalid."""
+
+    code = "invalid_token"
+    http_status = 401
+
+
+class UntrustedIssuerError(TokenError):
+    """The token issuer is not in the trust registry."""
+
+    code = "untrusted_issuer"
+
+
+class DPoPError(TokenError):
+    """The DPoP proof is missing or invalid."""
+
+    code = "invalid_dpop_proof"
+
+
+class ReplayError(DPoPError):
+    """A proof or nonce was already used."""
+
+    code = "replay"
+
+
+class SignedRequestError(KasRayError):
+    """The signed request token is malformed, expired or does not verify."""
+
+    code = "invalid_signed_request"
+
+
+# --- policy -----------------------------------------------------------------------------------------
+class AccessDenied(KasRayError):
+    """The ABAC policy denies access."""
+
+    code = "forbidden"
+    http_status = 403
+
+
+# --- client side ------------------------------------------------------------------------------------
+class KasUnreachableError(KasRayError):
+    """A KAS could not be reached."""
+
+    code = "kas_unreachable"
+    http_status = 502
+
+
+class RewrapError(KasRayError):
+    """A KAS refused or failed a rewrap for every alternative of a split."""
+
+    code = "rewrap_failed"
