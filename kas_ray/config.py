@@ -113,6 +113,16 @@ class AbacConfig(_Model):
 
     @model_validator(mode="after")
     def _consistent(self) -> AbacConfig:
+        label = r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?"
+        if not re.fullmatch(rf"{label}(?:\.{label})*(?::\d{{1,5}})?", self.namespace.strip().lower()):
+            raise ValueError(f"namespace {self.namespace!r} must be a DNS name like acp240.nato.int")
+        # Attribute names are case-insensitive in FQNs (kas_ray.policy compares them lower-cased).
+        names = [n.strip().lower() for n in [*self.attributes, self.embargo_attribute]]
+        for name in names:
+            if not re.fullmatch(r"[a-z0-9](?:[a-z0-9_-]*[a-z0-9])?", name):
+                raise ValueError(f"attribute name {name!r} is not a valid FQN segment (a-z 0-9 - _)")
+        if len(set(names)) != len(names):
+            raise ValueError("attribute names (and embargo_attribute) must be distinct, ignoring case")
         for name in self.required:
             if name not in self.attributes:
                 raise ValueError(f"required attribute {name!r} has no definition")

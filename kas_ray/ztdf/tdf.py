@@ -124,7 +124,8 @@ def encrypt(
                 aggregate += tag
                 segments.append(Segment(hash=base64.b64encode(tag).decode(), segment_size=len(chunk),
                                         encrypted_segment_size=len(sealed)))
-        root = base64.b64encode(P.hmac_sha256(payload_key, bytes(aggregate)).hex().encode()).decode()
+        # 4.x: base64 of the raw HMAC (only 3.x manifests hex-encode it; the Go SDK checks this exactly).
+        root = base64.b64encode(P.hmac_sha256(payload_key, bytes(aggregate))).decode()
         manifest = Manifest(
             schema_version=SCHEMA_VERSION,
             payload=Payload(mime_type=mime_type),
@@ -253,7 +254,9 @@ def unwrap_payload_key(manifest: Manifest, unwrap: Unwrapper) -> bytes:
             if len(errors) == 1:
                 raise errors[0]
             reasons = "; ".join(f"{kao.url}: {err.message}" for kao, err in zip(alternatives, errors, strict=True))
-            raise RewrapError(f"no KAS released split {split_id or '0'}: {reasons}", errors=errors)
+            # Same failure everywhere (e.g. every KAS denied): keep its class so callers can tell.
+            kind = type(errors[0]) if all(type(e) is type(errors[0]) for e in errors) else RewrapError
+            raise kind(f"no KAS released split {split_id or '0'}: {reasons}", errors=errors)
         payload_key = share if payload_key is None else P.xor_bytes(payload_key, share)
     assert payload_key is not None  # key_access has min_length=1
     return payload_key

@@ -1,0 +1,288 @@
+"""``kas-ray`` command line: tokens, encrypt, decrypt, inspect, demo.
+
+Exit codes: 0 ok; 2 bad input or usage; 3 access denied; 4 tampered; 5 KAS unreachable;
+6 invalid token; 1 anything else. Failures print one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from kas_ray.config import DEFAULT_NATIONS, AbacConfig, default_state_dir, load_yaml
+from kas_ray.errors import (
+    AccessDenied,
+    ConfigError,
+    FormatError,
+    KasRayError,
+    KasUnreachableError,
+    TamperError,
+    TokenError,
+)
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DENIED, EXIT_TAMPERED, EXIT_UNREACHABLE, EXIT_TOKEN = 0, 1, 2, 3, 4, 5, 6
+PROFILE_ENV = "KAS_RAY_PROFILE"
+TOKEN_ENV = "KAS_RAY_TOKEN"
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _exit_code(exc: KasRayError) -> int:
+    for kind, code in ((AccessDenied, EXIT_DENIED), (TamperError, EXIT_TAMPERED),
+                       (KasUnreachableError, EXIT_UNREACHABLE), (TokenError, EXIT_TOKEN),
+                       (FormatError, EXIT_USAGE), (ConfigError, EXIT_USAGE)):
+        if isinstance(exc, kind):
+            return code
+    return EXIT_ERROR
+
+
+def _abac(args: argparse.Namespace) -> AbacConfig:
+    return load_yaml(args.abac_config, AbacConfig) if getattr(args, "abac_config", None) else AbacConfig()
+
+
+# --- token ------------------------------------------------------------------------------------------
+def cmd_token(args: argparse.Namespace) -> int:
+    from kas_ray.trust import DevIdentityProvider
+
+    if args.profile != "dev":
+        raise CliError("dev tokens can only be minted under the dev profile", EXIT_USAGE)
+    idp = DevIdentityProvider(args.state_dir, args.nation)
+    print(idp.mint(args.sub, args.clearance, coi=args.coi, ttl=args.ttl, nationality=args.nationality))
+    return EXIT_OK
+
+
+# --- encrypt ----------------------------------------------------------------------------------------
+def _kas_keys(args: argparse.Namespace) -> list:
+    from kas_ray.client import HttpTransport, KasClient
+    from kas_ray.ztdf import KasKey
+
+    if args.kas_key and len(args.kas_key) != len(args.kas):
+        raise CliError("give one --kas-key per --kas (in the same order), or none to fetch them")
+    keys = []
+    for index, url in enumerate(args.kas):
+        if args.kas_key:
+            keys.append(_key_from_file(url, Path(args.kas_key[index]), args.oaep_hash))
+        else:
+            client = KasClient(HttpTransport(timeout=args.timeout), use_dpop=False)
+            keys.append(client.public_key(url, args.key_algorithm))
+    for key in keys:
+        assert isinstance(key, KasKey)
+    return keys
+
+
+def _key_from_file(url: str, path: Path, oaep_hash: str | None) -> object:
+    from kas_ray.ztdf import KasKey
+
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise CliError(f"cannot read KAS key {path}: {exc.strerror}") from None
+    kid = None
+    if text.lstrip().startswith("{"):  # {publicKey, kid} as served by /v2/kas_public_key
+        try:
+            data = json.loads(text)
+            text, kid = data["publicKey"], data.get("kid")
+        except (ValueError, KeyError, TypeError):
+            raise CliError(f"{path} is neither a PEM nor a {{publicKey, kid}} JSON document") from None
+    try:
+        key = KasKey(url=url, public_key_pem=text, kid=kid or None)
+        oaep = oaep_hash or ("sha1" if key.algorithm == "rsa:2048" else "sha256")
+        return key.model_copy(update={"oaep_hash": oaep})
+    except ValueError as exc:
+        raise CliError(f"{path}: {exc}") from None
+
+
+def cmd_encrypt(args: argparse.Namespace) -> int:
+    from kas_ray.policy import attribute_fqn
+    from kas_ray.ztdf import Policy, encrypt
+
+    config = _abac(args)
+    try:
+        attributes = [attribute_fqn(config, "classification", args.classification)]
+        attributes += [attribute_fqn(config, "releasable-to", n) for n in args.releasable_to]
+        attributes += [attribute_fqn(config, "coi", c) for c in args.coi]
+        if args.embargo:
+            attributes.append(attribute_fqn(config, config.embargo_attribute, args.embargo))
+    except KasRayError as exc:
+        raise CliError(f"bad label: {exc.message}") from None
+    keys = _kas_keys(args)
+    splits = [[k] for k in keys] if args.all_of else [keys]
+    policy = Policy.create(attributes)
+    _write_atomically(args.output, lambda out: _encrypt_from(args.input, out, encrypt, splits, policy, args))
+    print(f"encrypted {args.input} -> {args.output} (policy {policy.uuid}, "
+          f"{'allOf' if args.all_of else 'anyOf'} over {len(keys)} KAS)", file=sys.stderr)
+    return EXIT_OK
+
+
+def _encrypt_from(src: str, out, encrypt, splits, policy, args: argparse.Namespace) -> None:  # type: ignore[no-untyped-def]
+    with _open_input(src) as fh:
+        encrypt(fh, out, splits=splits, policy=policy, segment_size=args.segment_size)
+
+
+def _open_input(path: str):  # type: ignore[no-untyped-def]
+    if path == "-":
+        return open(sys.stdin.fileno(), "rb", closefd=False)
+    try:
+        return open(path, "rb")
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _write_atomically(path: str, write) -> None:  # type: ignore[no-untyped-def]
+    """Write to ``path.partial`` and rename on success: a failed run leaves no half file behind."""
+    if path == "-":
+        write(open(sys.stdout.fileno(), "wb", closefd=False))
+        return
+    partial = Path(f"{path}.partial")
+    try:
+        with open(partial, "wb") as out:
+            write(out)
+        os.replace(partial, path)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise CliError(f"cannot write {path}: {exc.strerror}") from None
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+# --- decrypt ----------------------------------------------------------------------------------------
+def _token(args: argparse.Namespace) -> str:
+    if args.token_file:
+        try:
+            return Path(args.token_file).read_text().strip()
+        except OSError as exc:
+            raise CliError(f"cannot read {args.token_file}: {exc.strerror}") from None
+    token = args.token or os.environ.get(TOKEN_ENV)
+    if not token:
+        raise CliError(f"give --token, --token-file or ${TOKEN_ENV}")
+    return token.strip()
+
+
+def cmd_decrypt(args: argparse.Namespace) -> int:
+    from kas_ray.client import HttpTransport, KasClient
+    from kas_ray.ztdf import decrypt
+
+    client = KasClient(HttpTransport(timeout=args.timeout), _token(args))
+
+    def run(out) -> None:  # type: ignore[no-untyped-def]
+        with _open_input(args.input) as fh:
+            decrypt(fh, out, client)
+
+    _write_atomically(args.output, run)
+    return EXIT_OK
+
+
+# --- inspect ----------------------------------------------------------------------------------------
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from kas_ray.ztdf import Policy, read_manifest
+
+    with _open_input(args.input) as fh:
+        manifest = read_manifest(fh)
+    info = manifest.encryption_information
+    policy = Policy.from_base64(info.policy)
+    summary = {
+        "schemaVersion": manifest.schema_version,
+        "policy": json.loads(policy.to_json()),
+        "keyAccess": [{"url": k.url, "type": k.type, "kid": k.kid, "sid": k.sid} for k in info.key_access],
+        "splits": len(manifest.key_access_by_split()),
+        "segments": len(info.integrity_information.segments),
+        "structure": "ok",
+    }
+    print(json.dumps({"summary": summary, "manifest": manifest.to_wire()} if args.full else summary, indent=2))
+    return EXIT_OK
+
+
+# --- demo -------------------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    from kas_ray.demo import run_demo
+
+    return run_demo(args.state_dir, nations=args.nation or DEFAULT_NATIONS)
+
+
+# --- parser -----------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from kas_ray.ztdf import DEFAULT_SEGMENT_SIZE
+
+    parser = argparse.ArgumentParser(prog="kas-ray", description="Coalition Key Access Service (ACP-240 / ZTDF)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def state(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--state-dir", type=Path, default=default_state_dir(),
+                       help="local state (keys, dev IdPs, audit); default $KAS_RAY_STATE_DIR or ./.kas-ray")
+
+    p = sub.add_parser("token", help="mint a dev access token (dev profile only)")
+    state(p)
+    p.add_argument("--nation", required=True, help="issuing nation (its dev IdP)")
+    p.add_argument("--sub", required=True, help="subject id")
+    p.add_argument("--clearance", required=True, help="national clearance name, e.g. SECRET_DEFENSE")
+    p.add_argument("--coi", action="append", default=[], help="community of interest (repeatable)")
+    p.add_argument("--nationality", help="countryOfAffiliation claim (default: the nation)")
+    p.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
+    p.add_argument("--profile", default=os.environ.get(PROFILE_ENV, "dev"), choices=["dev", "prod"])
+    p.set_defaults(func=cmd_token)
+
+    p = sub.add_parser("encrypt", help="encrypt a file into a ZTDF")
+    p.add_argument("input", help="file to encrypt (- for stdin)")
+    p.add_argument("-o", "--output", required=True, help="TDF to write (- for stdout)")
+    p.add_argument("--kas", action="append", required=True, help="KAS URL, e.g. http://127.0.0.1:8000/usa")
+    p.add_argument("--kas-key", action="append", help="public key file per --kas (PEM or {publicKey,kid} JSON)")
+    p.add_argument("--key-algorithm", default="rsa:2048", choices=["rsa:2048", "rsa:4096", "ec:secp256r1"],
+                   help="KAS key to fetch (default rsa:2048, the OpenTDF default)")
+    p.add_argument("--oaep-hash", choices=["sha1", "sha256"], help="OAEP hash for --kas-key RSA keys")
+    p.add_argument("--all-of", action="store_true", help="split the key: every KAS must release its share")
+    p.add_argument("--classification", required=True)
+    p.add_argument("--releasable-to", action="append", required=True, help="nation (repeatable)")
+    p.add_argument("--coi", action="append", default=[], help="community of interest (repeatable)")
+    p.add_argument("--embargo", help="not before this ISO-8601 UTC time, e.g. 2027-01-01T00:00:00Z")
+    p.add_argument("--segment-size", type=int, default=DEFAULT_SEGMENT_SIZE)
+    p.add_argument("--abac-config", help="YAML of attribute definitions (default: built-in ACP-240 set)")
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.set_defaults(func=cmd_encrypt)
+
+    p = sub.add_parser("decrypt", help="decrypt a ZTDF through its KAS")
+    p.add_argument("input")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--token", help=f"access token (prefer --token-file or ${TOKEN_ENV})")
+    p.add_argument("--token-file")
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.set_defaults(func=cmd_decrypt)
+
+    p = sub.add_parser("inspect", help="print a TDF's manifest and check its structure (no key needed)")
+    p.add_argument("input")
+    p.add_argument("--full", action="store_true", help="also print the whole manifest")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("demo", help="run the coalition scenario and print the allow/deny matrix")
+    state(p)
+    p.add_argument("--nation", action="append", help="nations (default USA, FRA, GBR)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except CliError as exc:
+        print(f"kas-ray: error: {exc}", file=sys.stderr)
+        return exc.code
+    except KasRayError as exc:
+        print(f"kas-ray: {exc.code}: {exc.message}", file=sys.stderr)
+        return _exit_code(exc)
+    except KeyboardInterrupt:
+        print("kas-ray: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

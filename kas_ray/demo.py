@@ -1,0 +1,152 @@
+"""The coalition scenario: users of three nations read labelled documents through their KAS.
+
+Library level (in-process services, the full rewrap protocol: tokens, DPoP, signed requests,
+policy binding, ABAC, audit). Prints an allow/deny matrix with the reason of every denial and
+checks it against the expected outcome, so the demo doubles as a smoke test (exit 1 on mismatch).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from kas_ray.audit import AuditAction, FanoutAuditSink, JsonLinesAuditSink, MemoryAuditSink
+from kas_ray.client import KasClient, LocalTransport
+from kas_ray.config import AbacConfig
+from kas_ray.errors import AccessDenied, KasRayError
+from kas_ray.kas.local import build_local_services, nation_url
+from kas_ray.policy import attribute_fqn
+from kas_ray.trust import DevIdentityProvider
+from kas_ray.ztdf import Policy, decrypt, encrypt
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    nation: str
+    clearance: str
+    coi: tuple[str, ...] = ()
+    claims_nationality: str | None = None  # a lie the issuer is not allowed to tell
+
+
+@dataclass(frozen=True)
+class Document:
+    name: str
+    classification: str
+    releasable_to: tuple[str, ...]
+    kas: tuple[str, ...]
+    all_of: bool = False
+    coi: tuple[str, ...] = ()
+    embargo_days: int | None = None
+    expect: frozenset[str] = field(default_factory=frozenset)  # users expected to read it
+
+
+USERS = [
+    User("alice", "USA", "SECRET", ("FVEY",)),
+    User("bob", "FRA", "SECRET DEFENSE", ("NATO",)),
+    User("carol", "GBR", "TOP SECRET", ("FVEY", "NATO")),
+    User("dave", "GBR", "OFFICIAL"),
+    User("mallory", "FRA", "TRES SECRET DEFENSE", ("FVEY",), claims_nationality="USA"),
+]
+
+DOCUMENTS = [
+    Document("coalition-plan", "SECRET", ("USA", "FRA", "GBR"), ("USA", "FRA", "GBR"),
+             expect=frozenset({"alice", "bob", "carol"})),
+    Document("us-eyes-only", "SECRET", ("USA",), ("USA",), expect=frozenset({"alice"})),
+    Document("fvey-intel", "SECRET", ("USA", "GBR"), ("USA", "GBR"), all_of=True, coi=("FVEY",),
+             expect=frozenset({"alice", "carol"})),
+    Document("nato-logistics", "RESTRICTED", ("USA", "FRA", "GBR"), ("FRA",), coi=("NATO",),
+             expect=frozenset({"bob", "carol"})),
+    Document("embargoed-brief", "CONFIDENTIAL", ("USA", "FRA", "GBR"), ("GBR",), embargo_days=7),
+]
+
+
+def _policy(config: AbacConfig, doc: Document) -> Policy:
+    attrs = [attribute_fqn(config, "classification", doc.classification)]
+    attrs += [attribute_fqn(config, "releasable-to", n) for n in doc.releasable_to]
+    attrs += [attribute_fqn(config, "coi", c) for c in doc.coi]
+    if doc.embargo_days is not None:
+        not_before = datetime.now(UTC).replace(microsecond=0) + timedelta(days=doc.embargo_days)
+        attrs.append(attribute_fqn(config, config.embargo_attribute, not_before))
+    return Policy.create(attrs)
+
+
+def run_demo(state_dir: str | os.PathLike[str], nations: list[str] | None = None,
+             base_url: str = "http://127.0.0.1:8000", out=sys.stdout) -> int:  # type: ignore[no-untyped-def]
+    started = time.perf_counter()
+    nations = [n.upper() for n in (nations or ["USA", "FRA", "GBR"])]
+    Path(state_dir).mkdir(parents=True, exist_ok=True)
+    config = AbacConfig()
+    memory = MemoryAuditSink()
+    audit_file = JsonLinesAuditSink(Path(state_dir) / "audit.jsonl")
+    services = build_local_services(state_dir, nations, base_url=base_url, abac=config,
+                                    audit=FanoutAuditSink(audit_file, memory))
+    transport = LocalTransport(services)
+    print(f"kas-ray demo: {len(services)} nation KAS ({', '.join(nations)}) with software keystores in "
+          f"{state_dir}", file=out)
+    documents = [d for d in DOCUMENTS if set(d.kas) <= set(nations)]
+    users = [u for u in USERS if u.nation in nations]
+
+    owner = KasClient(transport, use_dpop=False)
+    sealed: dict[str, bytes] = {}
+    for doc in documents:
+        keys = [owner.public_key(nation_url(base_url, n), "ec:secp256r1" if n == "FRA" else "rsa:2048")
+                for n in doc.kas]
+        buf = io.BytesIO()
+        plaintext = f"{doc.name}: {doc.classification} REL TO {'/'.join(doc.releasable_to)}".encode()
+        encrypt(io.BytesIO(plaintext), buf, splits=[[k] for k in keys] if doc.all_of else [keys],
+                policy=_policy(config, doc))
+        sealed[doc.name] = buf.getvalue()
+        mode = "allOf" if doc.all_of else "anyOf"
+        labels = f"{doc.classification} REL {'/'.join(doc.releasable_to)}"
+        labels += f" COI {'/'.join(doc.coi)}" if doc.coi else ""
+        labels += f" EMBARGO +{doc.embargo_days}d" if doc.embargo_days else ""
+        print(f"  encrypted {doc.name:<16} {labels:<40} KAS {mode} {'+'.join(doc.kas)}", file=out)
+
+    print("\nAllow/deny matrix (rows: users; columns: documents)", file=out)
+    header = f"{'user':<36}" + "".join(f"{d.name:>18}" for d in documents)
+    print(header, file=out)
+    mismatches: list[str] = []
+    denials: list[str] = []
+    for user in users:
+        idp = DevIdentityProvider(state_dir, user.nation)
+        token = idp.mint(user.name, user.clearance, coi=list(user.coi), nationality=user.claims_nationality)
+        client = KasClient(transport, token)
+        cells = []
+        for doc in documents:
+            before = len(memory.events)
+            try:
+                result = io.BytesIO()
+                decrypt(io.BytesIO(sealed[doc.name]), result, client)
+                allowed, cell = True, "ALLOW"
+            except AccessDenied:
+                allowed, cell = False, "deny"
+            except KasRayError as exc:
+                allowed, cell = False, f"error:{exc.code}"
+            reasons = sorted({r for e in memory.events[before:] if e.action == AuditAction.KEY_DENIED
+                              for r in e.reasons})
+            if not allowed:
+                denials.append(f"  {user.name} x {doc.name}: {'; '.join(reasons) or cell}")
+            if allowed != (user.name in doc.expect):
+                mismatches.append(f"{user.name} x {doc.name}: got {cell}")
+            cells.append(cell)
+        who = f"{user.name} ({user.nation} {user.clearance})"
+        print(f"{who:<36}" + "".join(f"{c:>18}" for c in cells), file=out)
+
+    print("\nWhy each denial (from the audit log):", file=out)
+    print("\n".join(denials), file=out)
+    released = sum(1 for e in memory.events if e.action == AuditAction.KEY_RELEASED)
+    print(f"\n{len(memory.events)} audit events ({released} keys released) appended to "
+          f"{audit_file.path}; took {time.perf_counter() - started:.1f}s", file=out)
+    audit_file.close()
+    transport.close()
+    if mismatches:
+        print("UNEXPECTED OUTCOMES: " + "; ".join(mismatches), file=out)
+        return 1
+    print("All outcomes as expected.", file=out)
+    return 0
