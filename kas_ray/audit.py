@@ -9,13 +9,13 @@ import abc
 import os
 import threading
 from datetime import UTC, datetime
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 from pydantic import BaseModel, Field
 
 
-class AuditAction(str, Enum):
+class AuditAction(StrEnum):
     KEY_RELEASED = "KEY_RELEASED"
     KEY_DENIED = "KEY_DENIED"
     KEY_ERROR = "KEY_ERROR"

@@ -11,12 +11,12 @@ import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from enum import Enum
+from enum import StrEnum
 
 from pydantic import BaseModel, Field
 
 
-class CacheKind(str, Enum):
+class CacheKind(StrEnum):
     SHARE = "share"
     PUBLIC_KEY = "public_key"
     JWKS = "jwks"

@@ -26,7 +26,7 @@ from kas_ray.errors import (
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DENIED, EXIT_TAMPERED, EXIT_UNREACHABLE, EXIT_TOKEN = 0, 1, 2, 3, 4, 5, 6
 PROFILE_ENV = "KAS_RAY_PROFILE"
-TOKEN_ENV = "KAS_RAY_TOKEN"
+TOKEN_ENV = "KAS_RAY_TOKEN"  # noqa: S105 - a variable name, not a secret
 
 
 class CliError(Exception):

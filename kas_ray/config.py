@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -36,7 +36,7 @@ def normalize_label(value: str) -> str:
 
 
 # --- ABAC -------------------------------------------------------------------------------------------
-class RuleType(str, Enum):
+class RuleType(StrEnum):
     """OpenTDF attribute rule types."""
 
     HIERARCHY = "hierarchy"

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kas_ray.audit import AuditAction, AuditEvent, AuditSink, MemoryAuditSink
 from kas_ray.cache import CacheKind, MemoryCache, share_cache_key
+from kas_ray.config import TrustRegistry
 from kas_ray.errors import (
     AccessDenied,
     DPoPError,
@@ -54,7 +55,6 @@ from kas_ray.trust import (
     parse_authorization,
     verify_signed_request,
 )
-from kas_ray.config import TrustRegistry
 from kas_ray.ztdf.keyaccess import decode_wrapped_key
 from kas_ray.ztdf.manifest import KeyAccessObject
 from kas_ray.ztdf.policy import Policy, verify_binding
@@ -175,6 +175,7 @@ class RewrapService:
             raw = verify_signed_request(
                 srt, dpop_jwk=proof.jwk if proof else None,
                 max_age_seconds=self.trust.signed_request_max_age_seconds, clock=self._clock,
+                leeway_seconds=self.trust.leeway_seconds,
             )
         else:
             raw = body
@@ -299,7 +300,8 @@ class RewrapService:
         started: float,
     ) -> None:
         if error is None:
-            action, outcome, reasons = AuditAction.KEY_RELEASED, "permit", [c.reason for c in decision.checks] if decision else []
+            reasons = [c.reason for c in decision.checks] if decision else []
+            action, outcome = AuditAction.KEY_RELEASED, "permit"
         elif isinstance(error, AccessDenied):
             action, outcome, reasons = AuditAction.KEY_DENIED, "deny", decision.reasons if decision else [error.message]
         else:

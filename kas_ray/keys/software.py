@@ -26,8 +26,8 @@ from kas_ray.hazmat import primitives as P
 from kas_ray.keys.base import Health, KeyBackend, KeyInfo
 from kas_ray.ztdf.keyaccess import KeyAlgorithm, key_algorithm, unwrap_with_private_key
 
-PASSPHRASE_ENV = "KAS_RAY_KEY_PASSPHRASE"
-PASSPHRASE_FILE_ENV = "KAS_RAY_KEY_PASSPHRASE_FILE"
+PASSPHRASE_ENV = "KAS_RAY_KEY_PASSPHRASE"  # noqa: S105 - variable names, not secrets
+PASSPHRASE_FILE_ENV = "KAS_RAY_KEY_PASSPHRASE_FILE"  # noqa: S105
 
 #: Keys a nation gets on first start: (algorithm, OAEP hash).
 DEFAULT_KEY_SPECS: tuple[tuple[KeyAlgorithm, P.OaepHash | None], ...] = (
@@ -66,7 +66,9 @@ def load_passphrase(state_dir: Path, profile: Profile) -> bytes:
             raise ConfigError(f"{PASSPHRASE_FILE_ENV}={file} is empty")
         return value.encode()
     if profile != "dev":
-        raise ConfigError(f"set {PASSPHRASE_ENV} or {PASSPHRASE_FILE_ENV}: the prod profile needs a keystore passphrase")
+        raise ConfigError(
+            f"set {PASSPHRASE_ENV} or {PASSPHRASE_FILE_ENV}: the prod profile needs a keystore passphrase"
+        )
     path = state_dir / "secrets" / "keystore.passphrase"
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:

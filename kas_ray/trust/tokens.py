@@ -1,0 +1,292 @@
+"""Access-token verification against the trust registry.
+
+Order matters: the issuer is found by exact ``iss`` and the header ``alg`` is checked against that
+issuer's allowed list *before* any key is touched, so ``alg: none`` and HS256-with-the-public-key
+tricks never reach a verifier. Claim times use the injected clock and the registry's bounded leeway.
+Subject attributes are only *read* here: clearance normalisation and nation checks belong to ABAC,
+which receives ``issuer_nations`` to decide whether the issuer may assert a nationality.
+Error messages never contain the token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any, Literal, overload
+
+import httpx
+import jwt
+from jwt.exceptions import (
+    InvalidAudienceError,
+    InvalidSignatureError,
+    MissingRequiredClaimError,
+    PyJWTError,
+)
+from pydantic import BaseModel, ConfigDict, Field
+
+from kas_ray.config import IssuerConfig, TrustRegistry
+from kas_ray.errors import KasRayError, TokenError, UntrustedIssuerError
+from kas_ray.trust.jwks import JwksCache
+
+#: Longest access token accepted; real ones are a few KiB, anything bigger is abuse.
+MAX_TOKEN_CHARS = 16_384
+_TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+#: 9999-12-31T23:59:59Z: later times cannot be represented as datetimes.
+MAX_NUMERIC_DATE = 253_402_300_799
+_SCHEMES = {"bearer": "Bearer", "dpop": "DPoP"}
+#: JWS header parameters we do not implement; RFC 7515 says refuse rather than ignore them.
+_UNSUPPORTED_HEADERS = frozenset({"crit", "b64", "zip"})
+
+
+# --- shared helpers (also used by DPoP and signed-request checks) ---------------------------------
+@overload
+def numeric_date(
+    claims: Mapping[str, Any], name: str, error: type[KasRayError], *, required: Literal[True]
+) -> float: ...
+@overload
+def numeric_date(claims: Mapping[str, Any], name: str, error: type[KasRayError], *, required: bool) -> float | None: ...
+def numeric_date(claims: Mapping[str, Any], name: str, error: type[KasRayError], *, required: bool) -> float | None:
+    """A NumericDate claim as float; ``error`` when required and absent or not a plausible time."""
+    value = claims.get(name)
+    if value is None:
+        if required:
+            raise error(f"claim {name!r} is required")
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise error(f"claim {name!r} must be a number (seconds since the epoch)")
+    if not 0 <= value <= MAX_NUMERIC_DATE:
+        raise error(f"claim {name!r} is out of range")
+    return float(value)
+
+
+def decode_unverified(token: object, error: type[KasRayError], what: str, max_chars: int) -> dict[str, Any]:
+    """Header and payload of a compact JWS without checking anything but its shape."""
+    if not isinstance(token, str) or not token:
+        raise error(f"no {what}")
+    if len(token) > max_chars:
+        raise error(f"{what} is longer than {max_chars} characters")
+    try:
+        decoded = jwt.api_jwt.decode_complete(token, options={"verify_signature": False})
+    except (PyJWTError, ValueError, TypeError, RecursionError):
+        raise error(f"{what} is not a well-formed JWT") from None
+    header = decoded["header"]
+    unsupported = sorted(_UNSUPPORTED_HEADERS & set(header))
+    if unsupported:
+        raise error(f"{what} uses unsupported header parameters {unsupported}")
+    return decoded
+
+
+#: pyjwt options for "signature only": callers check claims themselves with their own clock.
+_SIGNATURE_ONLY: dict[str, Any] = {
+    f"verify_{claim}": False for claim in ("exp", "nbf", "iat", "aud", "iss", "sub", "jti")
+}
+
+
+def verified_payload(
+    token: str, key: Any, alg: str, error: type[KasRayError], what: str, key_name: str
+) -> dict[str, Any]:
+    """Claims of a JWS whose signature verifies with ``key`` under ``alg``; no claim is checked."""
+    try:
+        return jwt.decode(token, key, algorithms=[alg], options=_SIGNATURE_ONLY)  # type: ignore[arg-type]
+    except InvalidSignatureError:
+        raise error(f"{what} signature does not verify with {key_name}") from None
+    except PyJWTError as exc:
+        raise error(f"{what} rejected: {exc}") from None
+
+
+def _show(value: object) -> str:
+    """Short printable form of an attacker-controlled value for an error message."""
+    text = repr(value)
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+# --- Authorization header ------------------------------------------------------------------------
+def parse_authorization(header_value: str | None) -> tuple[str, str]:
+    """Split ``Authorization: Bearer|DPoP <token>``; returns the canonical scheme and the token."""
+    if not header_value or not header_value.strip():
+        raise TokenError("missing Authorization header")
+    parts = header_value.strip().split(None, 1)
+    scheme = _SCHEMES.get(parts[0].lower())
+    if scheme is None:
+        # The scheme is not echoed: a client that forgot it would see its token in the message.
+        raise TokenError("unsupported authorization scheme (use Bearer or DPoP)")
+    if len(parts) != 2 or not _TOKEN68.fullmatch(parts[1].strip()):
+        raise TokenError(f"{scheme} authorization header has no well-formed token")
+    return scheme, parts[1].strip()
+
+
+# --- verified token ------------------------------------------------------------------------------
+class VerifiedToken(BaseModel):
+    """What the KAS knows about a caller once its token verified; subject attributes as asserted."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    issuer: str
+    subject: str
+    #: The registry audience the token was accepted for.
+    audience: str
+    expiry: datetime
+    #: Nations the issuer may assert (from the trust registry, not from the token).
+    issuer_nations: list[str] = Field(min_length=1)
+    #: Clearance table for ``clearance``: the issuer's ``clearance_system`` or its first nation.
+    clearance_system: str
+    clearance: str | None = None
+    nationality: str | None = None
+    coi: list[str] = Field(default_factory=list)
+    #: JWK SHA-256 thumbprint the token is bound to (RFC 9449 ``cnf.jkt``); requires a DPoP proof.
+    cnf_jkt: str | None = None
+    claims: dict[str, Any] = Field(default_factory=dict, repr=False)
+
+    def subject_attributes(self) -> dict[str, Any]:
+        """Subject attributes keyed like ``AttributeDefinition.subject``."""
+        return {"clearance": self.clearance, "nationality": self.nationality, "coi": list(self.coi)}
+
+
+def _single_string(claims: Mapping[str, Any], name: str) -> str | None:
+    value = claims.get(name)
+    if isinstance(value, list) and len(value) == 1:  # multi-valued IdP attributes with one value
+        value = value[0]
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TokenError(f"claim {name!r} must be a string")
+    return value.strip() or None
+
+
+def _string_list(claims: Mapping[str, Any], name: str) -> list[str]:
+    value = claims.get(name)
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise TokenError(f"claim {name!r} must be a string or a list of strings")
+    return list(dict.fromkeys(item.strip() for item in items if item.strip()))
+
+
+def _confirmation_jkt(claims: Mapping[str, Any]) -> str | None:
+    cnf = claims.get("cnf")
+    if cnf is None:
+        return None
+    if not isinstance(cnf, dict):
+        raise TokenError("claim 'cnf' must be an object")
+    # A binding we cannot check (mTLS x5t#S256, ...) must not degrade the token to a bearer token.
+    unsupported = sorted(set(cnf) - {"jkt"})
+    if unsupported:
+        raise TokenError(f"unsupported confirmation methods {unsupported} in claim 'cnf'")
+    jkt = cnf.get("jkt")
+    if not isinstance(jkt, str) or not jkt:
+        raise TokenError("claim 'cnf.jkt' must be a non-empty string")
+    return jkt
+
+
+# --- verifier ------------------------------------------------------------------------------------
+class TokenVerifier:
+    """Verifies access tokens of the issuers in a :class:`TrustRegistry` (thread-safe)."""
+
+    def __init__(
+        self,
+        registry: TrustRegistry,
+        *,
+        clock: Callable[[], float] = time.time,
+        http_client: httpx.Client | None = None,
+    ) -> None:
+        self.registry = registry
+        self._clock = clock
+        self._issuers = {issuer.issuer: issuer for issuer in registry.issuers}
+        self.keys = JwksCache(registry, clock=clock, http_client=http_client)
+
+    def close(self) -> None:
+        self.keys.close()
+
+    def __enter__(self) -> TokenVerifier:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    async def averify(self, token: str) -> VerifiedToken:
+        """:meth:`verify` off the event loop (a JWKS refresh does blocking HTTP)."""
+        return await asyncio.to_thread(self.verify, token)
+
+    def verify(self, token: str) -> VerifiedToken:
+        """Verify signature, issuer, audience and times; TokenError (or UntrustedIssuerError) if not."""
+        unverified = decode_unverified(token, TokenError, "access token", MAX_TOKEN_CHARS)
+        header, payload = unverified["header"], unverified["payload"]
+        iss = payload.get("iss")
+        issuer = self._issuers.get(iss) if isinstance(iss, str) else None
+        if issuer is None:
+            raise UntrustedIssuerError(f"issuer {_show(iss)} is not in the trust registry")
+        alg = header.get("alg")
+        if alg not in issuer.algorithms:
+            raise TokenError(f"token alg {_show(alg)} is not allowed for issuer {issuer.issuer!r}")
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise TokenError("token header 'kid' must be a string")
+        key = self.keys.key_for(issuer, kid, alg)
+        claims = self._decode(token, key, alg, issuer)
+        self._check_times(claims)
+        return self._verified(claims, issuer)
+
+    def _decode(self, token: str, key: Any, alg: str, issuer: IssuerConfig) -> dict[str, Any]:
+        try:
+            return jwt.decode(
+                token,
+                key,
+                algorithms=[alg],
+                audience=issuer.audiences,
+                issuer=issuer.issuer,
+                # Times are checked by _check_times with the injected clock.
+                options={
+                    "require": ["exp", "iss", "aud", "sub"],
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                },
+            )
+        except InvalidSignatureError:
+            raise TokenError("token signature does not verify") from None
+        except InvalidAudienceError:
+            raise TokenError(f"token audience is not one of {issuer.audiences}") from None
+        except MissingRequiredClaimError as exc:
+            raise TokenError(f"token lacks required claim {exc.claim!r}") from None
+        except PyJWTError as exc:
+            raise TokenError(f"token rejected: {exc}") from None
+
+    def _check_times(self, claims: Mapping[str, Any]) -> None:
+        now = self._clock()
+        leeway = self.registry.leeway_seconds
+        exp = numeric_date(claims, "exp", TokenError, required=True)
+        if now >= exp + leeway:
+            raise TokenError("token expired (exp)")
+        nbf = numeric_date(claims, "nbf", TokenError, required=False)
+        if nbf is not None and nbf > now + leeway:
+            raise TokenError("token not valid yet (nbf)")
+        iat = numeric_date(claims, "iat", TokenError, required=False)
+        if iat is not None and iat > now + leeway:
+            raise TokenError("token issued in the future (iat)")
+
+    def _verified(self, claims: dict[str, Any], issuer: IssuerConfig) -> VerifiedToken:
+        subject = claims["sub"]
+        if not isinstance(subject, str) or not subject.strip():
+            raise TokenError("claim 'sub' must be a non-empty string")
+        token_aud = claims["aud"] if isinstance(claims["aud"], list) else [claims["aud"]]
+        audience = next(aud for aud in issuer.audiences if aud in token_aud)
+        names = issuer.claims
+        nationality = _single_string(claims, names.nationality)
+        return VerifiedToken(
+            issuer=issuer.issuer,
+            subject=subject,
+            audience=audience,
+            expiry=datetime.fromtimestamp(float(claims["exp"]), tz=UTC),
+            issuer_nations=list(issuer.nations),
+            clearance_system=(issuer.clearance_system or issuer.nations[0]).upper(),
+            clearance=_single_string(claims, names.clearance),
+            nationality=nationality.upper() if nationality else None,
+            coi=_string_list(claims, names.coi),
+            cnf_jkt=_confirmation_jkt(claims),
+            claims=claims,
+        )

@@ -1,0 +1,575 @@
+"""Access-token verification against the trust registry (real keys, real JWKS files and HTTP)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from kas_ray.config import ClaimNames, IssuerConfig, JwksSource, TrustRegistry
+from kas_ray.errors import TokenError, UntrustedIssuerError
+from kas_ray.trust import TokenVerifier, VerifiedToken, parse_authorization
+from kas_ray.trust.jwks import public_jwk
+
+NOW = 1_750_000_000.0
+ISS = "https://idp.usa.example.mil"
+AUD = "kas-ray"
+
+
+class Clock:
+    """A settable clock; the verifier and the JWKS rate limit both read it."""
+
+    def __init__(self, now: float = NOW) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def b64(data: bytes | dict[str, Any]) -> str:
+    raw = json.dumps(data).encode() if isinstance(data, dict) else data
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def jwk_entry(key: Any, kid: str | None, alg: str | None = None) -> dict[str, Any]:
+    entry = {**public_jwk(key), "use": "sig"}
+    if kid is not None:
+        entry["kid"] = kid
+    if alg is not None:
+        entry["alg"] = alg
+    return entry
+
+
+def claims(**overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"iss": ISS, "sub": "alice", "aud": AUD, "iat": int(NOW), "exp": int(NOW) + 300}
+    body.update(overrides)
+    return {name: value for name, value in body.items() if value is not None}
+
+
+def sign(key: Any, alg: str, header: dict[str, Any], payload: dict[str, Any]) -> str:
+    """Compact JWS built by hand, so tests can sign claims pyjwt.encode would refuse to write."""
+    signing_input = f"{b64({'alg': alg, 'typ': 'JWT', **header})}.{b64(payload)}"
+    return f"{signing_input}.{b64(jwt.get_algorithm_by_name(alg).sign(signing_input.encode(), key))}"
+
+
+def mint(key: Any, alg: str = "ES256", kid: str | None = "ec1", headers: dict | None = None, **overrides):
+    header = dict(headers or {})
+    if kid is not None:
+        header["kid"] = kid
+    return sign(key, alg, header, claims(**overrides))
+
+
+# --- fixtures --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def rsa_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture(scope="module")
+def ec_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+@pytest.fixture(scope="module")
+def ec_key2() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+@pytest.fixture
+def jwks_file(tmp_path: Path, rsa_key, ec_key) -> Path:
+    path = tmp_path / "usa.jwks.json"
+    path.write_text(json.dumps({"keys": [jwk_entry(rsa_key, "rsa1"), jwk_entry(ec_key, "ec1")]}))
+    return path
+
+
+def make_registry(source: JwksSource, **issuer_fields: Any) -> TrustRegistry:
+    fields: dict[str, Any] = {"issuer": ISS, "nations": ["usa", "GBR"], "jwks": source}
+    fields.update(issuer_fields)
+    return TrustRegistry(issuers=[IssuerConfig(**fields)], leeway_seconds=30, jwks_refresh_interval=60)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def verifier(jwks_file: Path, clock: Clock) -> TokenVerifier:
+    with TokenVerifier(make_registry(JwksSource(file=jwks_file)), clock=clock) as verifier:
+        yield verifier
+
+
+class RecordingServer:
+    """A real HTTP server on 127.0.0.1 that records every request and serves ``document``."""
+
+    def __init__(self) -> None:
+        self.document: dict[str, Any] = {"keys": []}
+        self.requests: list[str] = []
+        self.status = 200
+        self.redirect_to: str | None = None
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                outer.requests.append(f"{self.command} {self.path}")
+                if outer.redirect_to:
+                    self.send_response(302)
+                    self.send_header("Location", outer.redirect_to)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                body = json.dumps(outer.document).encode()
+                self.send_response(outer.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = do_HEAD = _answer
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self.url = self.base + "/jwks.json"
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def server():
+    running = RecordingServer()
+    yield running
+    running.close()
+
+
+@pytest.fixture
+def attacker():
+    running = RecordingServer()
+    yield running
+    running.close()
+
+
+# --- accepted tokens -------------------------------------------------------------------------------
+@pytest.mark.parametrize(("alg", "kid"), [("RS256", "rsa1"), ("PS256", "rsa1"), ("ES256", "ec1")])
+def test_valid_token_accepted(verifier, rsa_key, ec_key, alg, kid):
+    key = ec_key if alg.startswith("ES") else rsa_key
+    token = mint(key, alg=alg, kid=kid, clearance="SECRET", countryOfAffiliation="usa", acpCOI=["NATO"])
+    verified = verifier.verify(token)
+    assert isinstance(verified, VerifiedToken)
+    assert (verified.issuer, verified.subject, verified.audience) == (ISS, "alice", AUD)
+    assert verified.expiry.timestamp() == NOW + 300
+    assert verified.issuer_nations == ["USA", "GBR"]
+    assert verified.clearance_system == "USA"
+    assert (verified.clearance, verified.nationality, verified.coi) == ("SECRET", "USA", ["NATO"])
+    assert verified.cnf_jkt is None
+    assert verified.claims["sub"] == "alice"
+    assert verified.subject_attributes() == {"clearance": "SECRET", "nationality": "USA", "coi": ["NATO"]}
+
+
+def test_verified_token_is_frozen(verifier, ec_key):
+    verified = verifier.verify(mint(ec_key))
+    with pytest.raises(ValidationError):
+        verified.subject = "mallory"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(["A", "B"], ["A", "B"]), ("NATO", ["NATO"]), ("A, B,,A", ["A", "B"]), (None, []), ([], [])],
+)
+def test_coi_accepts_list_string_or_comma_separated(verifier, ec_key, value, expected):
+    assert verifier.verify(mint(ec_key, acpCOI=value)).coi == expected
+
+
+def test_single_valued_list_claims_and_absent_attributes(verifier, ec_key):
+    verified = verifier.verify(mint(ec_key, clearance=["TOP_SECRET"]))
+    assert verified.clearance == "TOP_SECRET"
+    assert verified.nationality is None and verified.coi == []
+
+
+@pytest.mark.parametrize("overrides", [{"clearance": 3}, {"acpCOI": [1, 2]}, {"countryOfAffiliation": ["USA", "GBR"]}])
+def test_wrongly_typed_attribute_claims_refused(verifier, ec_key, overrides):
+    with pytest.raises(TokenError, match="claim"):
+        verifier.verify(mint(ec_key, **overrides))
+
+
+def test_custom_claim_names(jwks_file, clock, ec_key):
+    names = ClaimNames(clearance="sec_level", nationality="nat", coi="https://example.mil/claims/groups")
+    registry = make_registry(JwksSource(file=jwks_file), claims=names, clearance_system="nato")
+    token = mint(
+        ec_key,
+        sec_level="COSMIC_TOP_SECRET",
+        nat="gbr",
+        **{"https://example.mil/claims/groups": "FVEY,NATO"},
+        clearance="UNCLASSIFIED",  # default names are ignored for this issuer
+        countryOfAffiliation="FRA",
+    )
+    verified = TokenVerifier(registry, clock=clock).verify(token)
+    assert (verified.clearance, verified.nationality) == ("COSMIC_TOP_SECRET", "GBR")
+    assert verified.coi == ["FVEY", "NATO"]
+    assert verified.clearance_system == "NATO"
+
+
+def test_cnf_jkt_is_carried(verifier, ec_key):
+    assert verifier.verify(mint(ec_key, cnf={"jkt": "abc"})).cnf_jkt == "abc"
+
+
+@pytest.mark.parametrize("cnf", [{"x5t#S256": "abc"}, {"jkt": ""}, "abc", {"jkt": "a", "jwk": {}}])
+def test_unsupported_or_garbled_confirmation_refused(verifier, ec_key, cnf):
+    with pytest.raises(TokenError, match="cnf"):
+        verifier.verify(mint(ec_key, cnf=cnf))
+
+
+def test_audience_list_containing_ours_accepted(verifier, ec_key):
+    assert verifier.verify(mint(ec_key, aud=["other", AUD])).audience == AUD
+
+
+def test_token_without_kid_uses_the_only_key(tmp_path, clock, ec_key):
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps({"keys": [jwk_entry(ec_key, None)]}))
+    verifier = TokenVerifier(make_registry(JwksSource(file=path)), clock=clock)
+    assert verifier.verify(mint(ec_key, kid=None)).subject == "alice"
+
+
+def test_averify(verifier, ec_key):
+    assert asyncio.run(verifier.averify(mint(ec_key))).issuer == ISS
+
+
+# --- refused tokens --------------------------------------------------------------------------------
+def test_wrong_signature(verifier, ec_key2):
+    with pytest.raises(TokenError, match="signature does not verify"):
+        verifier.verify(mint(ec_key2, kid="ec1"))
+
+
+def test_tampered_payload(verifier, ec_key):
+    header, _payload, signature = mint(ec_key).split(".")
+    forged = ".".join([header, b64(claims(sub="admin")), signature])
+    with pytest.raises(TokenError, match="signature does not verify"):
+        verifier.verify(forged)
+
+
+def test_alg_none_refused(verifier):
+    token = f"{b64({'alg': 'none', 'typ': 'JWT', 'kid': 'ec1'})}.{b64(claims())}."
+    with pytest.raises(TokenError, match="alg 'none' is not allowed") as caught:
+        verifier.verify(token)
+    assert not isinstance(caught.value, UntrustedIssuerError)
+
+
+def test_hs256_with_public_key_as_secret_refused(verifier, rsa_key):
+    secret = rsa_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    signing_input = f"{b64({'alg': 'HS256', 'typ': 'JWT', 'kid': 'rsa1'})}.{b64(claims())}"
+    mac = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
+    with pytest.raises(TokenError, match="alg 'HS256' is not allowed"):
+        verifier.verify(f"{signing_input}.{b64(mac)}")
+
+
+@pytest.mark.parametrize("algorithms", [["none"], ["HS256"], ["RS256", "HS512"]])
+def test_registry_refuses_symmetric_and_none_algorithms(jwks_file, algorithms):
+    with pytest.raises(ValidationError, match="not allowed"):
+        make_registry(JwksSource(file=jwks_file), algorithms=algorithms)
+
+
+def test_alg_not_in_issuer_list_refused(jwks_file, clock, rsa_key):
+    verifier = TokenVerifier(make_registry(JwksSource(file=jwks_file), algorithms=["ES256"]), clock=clock)
+    with pytest.raises(TokenError, match="alg 'RS256' is not allowed"):
+        verifier.verify(mint(rsa_key, alg="RS256", kid="rsa1"))
+
+
+def test_key_type_must_fit_alg(verifier, rsa_key):
+    # RS256 signed by an RSA key but naming the EC key's kid: never verify with a mismatched key.
+    with pytest.raises(TokenError, match="does not fit"):
+        verifier.verify(mint(rsa_key, alg="RS256", kid="ec1"))
+
+
+def test_jwk_alg_pins_the_algorithm(tmp_path, clock, rsa_key):
+    path = tmp_path / "pinned.json"
+    path.write_text(json.dumps({"keys": [jwk_entry(rsa_key, "rsa1", alg="RS256")]}))
+    verifier = TokenVerifier(make_registry(JwksSource(file=path)), clock=clock)
+    assert verifier.verify(mint(rsa_key, alg="RS256", kid="rsa1")).subject == "alice"
+    with pytest.raises(TokenError, match="the key is for RS256"):
+        verifier.verify(mint(rsa_key, alg="PS256", kid="rsa1"))
+
+
+@pytest.mark.parametrize("iss", ["https://evil.example", ISS + "/", ISS.upper(), "", None, 42])
+def test_untrusted_issuer(verifier, ec_key, iss):
+    with pytest.raises(UntrustedIssuerError, match="not in the trust registry"):
+        verifier.verify(mint(ec_key, iss=iss))
+
+
+@pytest.mark.parametrize("aud", ["other", ["a", "b"], None])
+def test_wrong_or_missing_audience(verifier, ec_key, aud):
+    with pytest.raises(TokenError, match="aud"):
+        verifier.verify(mint(ec_key, aud=aud))
+
+
+def test_expired(verifier, ec_key):
+    with pytest.raises(TokenError, match="expired"):
+        verifier.verify(mint(ec_key, exp=int(NOW) - 31))
+
+
+def test_expiry_within_leeway_accepted(verifier, ec_key):
+    assert verifier.verify(mint(ec_key, exp=int(NOW) - 29)).subject == "alice"
+
+
+def test_exp_required(verifier, ec_key):
+    with pytest.raises(TokenError, match="'exp'"):
+        verifier.verify(mint(ec_key, exp=None))
+
+
+@pytest.mark.parametrize("exp", ["tomorrow", True, 1e300, -5])
+def test_exp_must_be_a_plausible_number(verifier, ec_key, exp):
+    with pytest.raises(TokenError, match="exp"):
+        verifier.verify(mint(ec_key, exp=exp))
+
+
+def test_future_nbf(verifier, ec_key):
+    with pytest.raises(TokenError, match="nbf"):
+        verifier.verify(mint(ec_key, nbf=int(NOW) + 31))
+
+
+def test_iat_in_future_beyond_leeway(verifier, ec_key):
+    with pytest.raises(TokenError, match="iat"):
+        verifier.verify(mint(ec_key, iat=int(NOW) + 31))
+    assert verifier.verify(mint(ec_key, iat=int(NOW) + 29, nbf=int(NOW) + 29)).subject == "alice"
+
+
+@pytest.mark.parametrize("sub", [None, "", "   "])
+def test_subject_required(verifier, ec_key, sub):
+    with pytest.raises(TokenError, match="sub"):
+        verifier.verify(mint(ec_key, sub=sub))
+
+
+def test_unknown_kid(verifier, ec_key):
+    with pytest.raises(TokenError, match="unknown kid"):
+        verifier.verify(mint(ec_key, kid="nope"))
+
+
+def test_no_kid_with_several_keys_refused(verifier, ec_key):
+    with pytest.raises(TokenError, match="no kid"):
+        verifier.verify(mint(ec_key, kid=None))
+
+
+@pytest.mark.parametrize("header", [{"crit": ["exp"]}, {"b64": False}])
+def test_unsupported_header_parameters_refused(verifier, ec_key, header):
+    # pyjwt or our own check refuses them: an unknown critical extension must never be ignored.
+    with pytest.raises(TokenError, match="unsupported header|not a well-formed JWT"):
+        verifier.verify(mint(ec_key, headers=header))
+
+
+def test_error_messages_never_contain_the_token(verifier, ec_key, ec_key2):
+    for token in (mint(ec_key2), mint(ec_key, aud="x"), mint(ec_key, iss="https://x"), mint(ec_key, kid="z")):
+        with pytest.raises(TokenError) as caught:
+            verifier.verify(token)
+        for part in token.split("."):
+            assert part not in str(caught.value)
+
+
+# --- JWKS sources: rotation, rate limit, pinning ---------------------------------------------------
+def test_file_jwks_reread_on_unknown_kid_at_bounded_rate(jwks_file, clock, ec_key, ec_key2):
+    verifier = TokenVerifier(make_registry(JwksSource(file=jwks_file)), clock=clock)
+    assert verifier.verify(mint(ec_key)).subject == "alice"
+    jwks_file.write_text(json.dumps({"keys": [jwk_entry(ec_key, "ec1"), jwk_entry(ec_key2, "ec2")]}))
+    with pytest.raises(TokenError, match="unknown kid"):  # rotated key not visible before the interval
+        verifier.verify(mint(ec_key2, kid="ec2"))
+    assert verifier.keys.load_count(ISS) == 1
+    clock.now += 60
+    assert verifier.verify(mint(ec_key2, kid="ec2", iat=int(clock.now), exp=int(clock.now) + 60))
+    assert verifier.keys.load_count(ISS) == 2
+
+
+def test_url_jwks_refresh_at_most_once_per_interval(server, clock, ec_key, ec_key2):
+    server.document = {"keys": [jwk_entry(ec_key, "ec1")]}
+    verifier = TokenVerifier(make_registry(JwksSource(url=server.url)), clock=clock)
+    assert verifier.verify(mint(ec_key)).subject == "alice"
+    assert server.requests == ["GET /jwks.json"]
+
+    server.document = {"keys": [jwk_entry(ec_key, "ec1"), jwk_entry(ec_key2, "ec2")]}  # rotation
+    for _ in range(5):
+        with pytest.raises(TokenError, match="unknown kid"):
+            verifier.verify(mint(ec_key2, kid="ec2"))
+    assert len(server.requests) == 1  # an unknown-kid flood cannot hammer the IdP
+
+    clock.now += 61
+    fresh = {"iat": int(clock.now), "exp": int(clock.now) + 60}
+    assert verifier.verify(mint(ec_key2, kid="ec2", **fresh)).subject == "alice"
+    assert len(server.requests) == 2
+    for _ in range(3):
+        with pytest.raises(TokenError, match="unknown kid"):
+            verifier.verify(mint(ec_key2, kid="ec3", **fresh))
+    assert verifier.verify(mint(ec_key, **fresh)).subject == "alice"  # known keys need no fetch
+    assert len(server.requests) == 2
+
+
+def test_concurrent_first_use_fetches_once(server, clock, ec_key):
+    server.document = {"keys": [jwk_entry(ec_key, "ec1")]}
+    verifier = TokenVerifier(make_registry(JwksSource(url=server.url)), clock=clock)
+    token = mint(ec_key)
+    results: list[str] = []
+    threads = [threading.Thread(target=lambda: results.append(verifier.verify(token).subject)) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == ["alice"] * 8
+    assert len(server.requests) == 1
+
+
+def test_jwks_source_failure_fails_closed_and_keeps_last_good_keys(server, clock, ec_key):
+    server.status = 500
+    verifier = TokenVerifier(make_registry(JwksSource(url=server.url)), clock=clock)
+    with pytest.raises(TokenError, match="unavailable"):
+        verifier.verify(mint(ec_key))
+    server.status = 200
+    server.document = {"keys": [jwk_entry(ec_key, "ec1")]}
+    with pytest.raises(TokenError):  # the failed attempt also counts against the rate limit
+        verifier.verify(mint(ec_key))
+    clock.now += 60
+    fresh = {"iat": int(clock.now), "exp": int(clock.now) + 60}
+    assert verifier.verify(mint(ec_key, **fresh)).subject == "alice"
+    server.status = 500
+    clock.now += 60
+    fresh = {"iat": int(clock.now), "exp": int(clock.now) + 60}
+    with pytest.raises(TokenError, match="unknown kid"):  # refresh failed, old keys still serve
+        verifier.verify(mint(ec_key, kid="other", **fresh))
+    assert verifier.verify(mint(ec_key, **fresh)).subject == "alice"
+    assert len(server.requests) == 3
+
+
+def test_private_and_foreign_jwks_entries_are_ignored(tmp_path, clock, ec_key, rsa_key):
+    private = ec_key.private_numbers()
+    leaked = {
+        **jwk_entry(ec_key, "ec1"),
+        "d": base64.urlsafe_b64encode(private.private_value.to_bytes(32, "big")).rstrip(b"=").decode(),
+    }
+    path = tmp_path / "mixed.json"
+    path.write_text(
+        json.dumps(
+            {
+                "keys": [
+                    leaked,
+                    {**jwk_entry(rsa_key, "rsa1"), "use": "enc"},
+                    {"kty": "oct", "k": "c2VjcmV0", "kid": "hs"},
+                ]
+            }
+        )
+    )
+    verifier = TokenVerifier(make_registry(JwksSource(file=path)), clock=clock)
+    for token in (mint(ec_key), mint(rsa_key, alg="RS256", kid="rsa1")):
+        with pytest.raises(TokenError, match="unknown kid"):
+            verifier.verify(token)
+
+
+def test_attacker_urls_in_token_are_never_fetched(server, attacker, clock, ec_key, ec_key2):
+    server.document = {"keys": [jwk_entry(ec_key, "ec1")]}
+    attacker.document = {"keys": [jwk_entry(ec_key2, "evil")]}
+    verifier = TokenVerifier(make_registry(JwksSource(url=server.url)), clock=clock)
+    pointers = {"jku": attacker.url, "x5u": attacker.base + "/cert.pem", "jwk": jwk_entry(ec_key2, "evil")}
+
+    # iss names the attacker: refused as untrusted before anything is fetched.
+    with pytest.raises(UntrustedIssuerError):
+        verifier.verify(mint(ec_key2, kid="evil", iss=attacker.base, headers=pointers))
+    # Trusted iss, but the key is only available at the attacker's jku / embedded jwk.
+    with pytest.raises(TokenError, match="unknown kid"):
+        verifier.verify(mint(ec_key2, kid="evil", headers=pointers))
+    assert attacker.requests == []
+    assert server.requests == ["GET /jwks.json"]  # only the pinned URL
+
+
+def test_pinned_url_redirect_is_not_followed(server, attacker, clock, ec_key):
+    attacker.document = {"keys": [jwk_entry(ec_key, "ec1")]}
+    server.redirect_to = attacker.url
+    verifier = TokenVerifier(make_registry(JwksSource(url=server.url)), clock=clock)
+    with pytest.raises(TokenError, match="unavailable"):
+        verifier.verify(mint(ec_key))
+    assert attacker.requests == []
+
+
+# --- Authorization header --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ("Bearer abc.def.ghi", ("Bearer", "abc.def.ghi")),
+        ("bearer abc.def.ghi", ("Bearer", "abc.def.ghi")),
+        ("DPoP abc.def.ghi", ("DPoP", "abc.def.ghi")),
+        ("  dpop   abc.def-_~+/=  ", ("DPoP", "abc.def-_~+/=")),
+    ],
+)
+def test_parse_authorization(header, expected):
+    assert parse_authorization(header) == expected
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        None,
+        "",
+        "   ",
+        "Bearer",
+        "Bearer  ",
+        "Basic dXNlcg==",
+        "Bearer a b",
+        "Bearer a\x00b",
+        "Token abc",
+        "Bearer =abc",
+    ],
+)
+def test_parse_authorization_refuses_missing_or_garbled(header):
+    with pytest.raises(TokenError):
+        parse_authorization(header)
+
+
+# --- property: garbage never escapes as anything but TokenError ------------------------------------
+_segment = st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_=", max_size=60)
+_json_value = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8,
+)
+_header = st.fixed_dictionaries(
+    {},
+    optional={
+        "alg": st.sampled_from(["none", "HS256", "ES256", "RS256"]) | _json_value,
+        "kid": st.sampled_from(["ec1", "rsa1"]) | _json_value,
+        "crit": _json_value,
+    },
+)
+_payload = st.fixed_dictionaries(
+    {},
+    optional={
+        "iss": st.just(ISS) | _json_value,
+        "aud": st.just(AUD) | _json_value,
+        "exp": _json_value,
+        "sub": _json_value,
+        "acpCOI": _json_value,
+        "cnf": _json_value,
+    },
+)
+_structured = st.builds(lambda header, payload, sig: f"{b64(header)}.{b64(payload)}.{sig}", _header, _payload, _segment)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(token=st.text(max_size=200) | st.lists(_segment, max_size=5).map(".".join) | _structured)
+def test_garbage_tokens_only_raise_token_error(verifier, token):
+    with pytest.raises(TokenError):
+        verifier.verify(token)
