@@ -102,7 +102,7 @@ class Manifest(WireModel):
     def parse(cls, raw: bytes | str) -> Manifest:
         try:
             return cls.model_validate(json.loads(raw))
-        except (ValueError, ValidationError) as exc:
+        except (ValueError, ValidationError, RecursionError) as exc:  # RecursionError: nested too deeply
             detail = _first_error(exc) if isinstance(exc, ValidationError) else "not valid JSON"
             raise ManifestError(f"manifest is invalid: {detail}") from None
 

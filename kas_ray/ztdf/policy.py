@@ -59,7 +59,7 @@ class Policy(WireModel):
         try:
             raw = b64decode_strict(encoded)
             return cls.model_validate(json.loads(raw))
-        except (binascii.Error, ValueError, UnicodeDecodeError) as exc:
+        except (binascii.Error, ValueError, UnicodeDecodeError, RecursionError) as exc:
             reason = "does not match the policy schema" if isinstance(exc, ValidationError) else "is not base64 JSON"
             raise PolicyFormatError(f"policy {reason}") from None
 

@@ -12,6 +12,7 @@ import base64
 import binascii
 import io
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
@@ -48,6 +49,10 @@ MAX_SEGMENT_SIZE = 64 * 1024 * 1024
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 SEGMENT_OVERHEAD = P.NONCE_SIZE + P.TAG_SIZE
 _ZIP32_LIMIT = 0xFFFFFFFF - (1 << 20)
+_ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+_ZIP_UNSUPPORTED_FLAGS = 0x1 | 0x20 | 0x40  # encrypted, compressed patched data, strong encryption
+#: What zipfile raises reading a corrupt entry: bad header (name) or CRC, garbled or short deflate stream.
+_ZIP_READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, UnicodeDecodeError)
 
 #: ``unwrap(kao, policy_b64) -> share``: a KAS rewrap, or a local private key in tools and tests.
 Unwrapper = Callable[[KeyAccessObject, str], bytes]
@@ -148,21 +153,28 @@ def encrypt(
 def _open_zip(src: BinaryIO) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(src, "r")
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+    except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError) as exc:  # NotImplemented: zip version
         raise FormatError(f"not a TDF zip container: {exc}") from None
 
 
-def _read_manifest(zf: zipfile.ZipFile) -> Manifest:
+def _entry(zf: zipfile.ZipFile, name: str, error: type[FormatError]) -> zipfile.ZipInfo:
     try:
-        info = zf.getinfo(MANIFEST_ENTRY)
+        info = zf.getinfo(name)
     except KeyError:
-        raise ManifestError(f"{MANIFEST_ENTRY} is missing") from None
+        raise error(f"{name} is missing") from None
+    if info.compress_type not in _ZIP_METHODS or info.flag_bits & _ZIP_UNSUPPORTED_FLAGS:
+        raise error(f"{name} is zip-encrypted or uses an unsupported compression method")
+    return info
+
+
+def _read_manifest(zf: zipfile.ZipFile) -> Manifest:
+    info = _entry(zf, MANIFEST_ENTRY, ManifestError)
     if info.file_size > MAX_MANIFEST_BYTES:
         raise ManifestError("manifest is too large")
     try:
         with zf.open(info) as fh:
             raw = fh.read(MAX_MANIFEST_BYTES + 1)
-    except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError) as exc:
+    except (*_ZIP_READ_ERRORS, OSError, ValueError) as exc:
         raise ManifestError(f"manifest cannot be read: {exc}") from None
     if len(raw) > MAX_MANIFEST_BYTES:
         raise ManifestError("manifest is too large")
@@ -178,10 +190,7 @@ def read_manifest(src: BinaryIO) -> Manifest:
 
 
 def _payload_size(zf: zipfile.ZipFile) -> int:
-    try:
-        return zf.getinfo(PAYLOAD_ENTRY).file_size
-    except KeyError:
-        raise FormatError(f"{PAYLOAD_ENTRY} is missing") from None
+    return _entry(zf, PAYLOAD_ENTRY, FormatError).file_size
 
 
 def _segment_sizes(manifest: Manifest) -> list[tuple[int, int]]:
@@ -245,11 +254,13 @@ def unwrap_payload_key(manifest: Manifest, unwrap: Unwrapper) -> bytes:
         share: bytes | None = None
         for kao in alternatives:
             try:
-                share = unwrap(kao, policy_b64)
-                verify_binding(share, policy_b64, kao.policy_binding)
-                break
+                candidate = unwrap(kao, policy_b64)
+                verify_binding(candidate, policy_b64, kao.policy_binding)
             except KasRayError as exc:
                 errors.append(exc)
+                continue
+            share = candidate  # only a share whose binding verified
+            break
         if share is None:
             if len(errors) == 1:
                 raise errors[0]
@@ -276,23 +287,27 @@ def decrypt_payload(zf: zipfile.ZipFile, manifest: Manifest, payload_key: bytes,
     _verify_root_signature(manifest, payload_key)
     segments = manifest.encryption_information.integrity_information.segments
     try:
-        with zf.open(PAYLOAD_ENTRY) as payload:
-            for index, (segment, (_, enc_size)) in enumerate(zip(segments, _segment_sizes(manifest), strict=True)):
-                sealed = payload.read(enc_size)
-                if len(sealed) != enc_size:
-                    raise FormatError(f"payload is truncated at segment {index}")
-                try:
-                    stored = decode_mac(segment.hash, P.TAG_SIZE if _is_gmac(manifest) else 32)
-                except (binascii.Error, ValueError):
-                    raise SegmentHashError(f"segment {index} hash is malformed") from None
-                if not P.constant_time_equal(_segment_mac(manifest, payload_key, sealed), stored):
-                    raise SegmentHashError(f"segment {index} does not match its hash")
-                try:
-                    dst.write(P.aes_gcm_decrypt(payload_key, sealed))
-                except InvalidTag:
-                    raise PayloadIntegrityError(f"segment {index} failed authentication") from None
-    except zipfile.BadZipFile as exc:  # CRC mismatch of the stored entry: altered bytes
+        payload = zf.open(PAYLOAD_ENTRY)
+    except _ZIP_READ_ERRORS as exc:
         raise PayloadIntegrityError(f"payload entry is corrupt: {exc}") from None
+    with payload:
+        for index, (segment, (_, enc_size)) in enumerate(zip(segments, _segment_sizes(manifest), strict=True)):
+            try:
+                sealed = payload.read(enc_size)
+            except _ZIP_READ_ERRORS as exc:  # CRC mismatch of the entry: altered bytes
+                raise PayloadIntegrityError(f"payload entry is corrupt: {exc}") from None
+            if len(sealed) != enc_size:
+                raise FormatError(f"payload is truncated at segment {index}")
+            try:
+                stored = decode_mac(segment.hash, P.TAG_SIZE if _is_gmac(manifest) else 32)
+            except (binascii.Error, ValueError):
+                raise SegmentHashError(f"segment {index} hash is malformed") from None
+            if not P.constant_time_equal(_segment_mac(manifest, payload_key, sealed), stored):
+                raise SegmentHashError(f"segment {index} does not match its hash")
+            try:
+                dst.write(P.aes_gcm_decrypt(payload_key, sealed))
+            except InvalidTag:
+                raise PayloadIntegrityError(f"segment {index} failed authentication") from None
 
 
 def _is_gmac(manifest: Manifest) -> bool:
