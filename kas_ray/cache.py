@@ -7,6 +7,7 @@ Policy binding and ABAC are still evaluated on every request: a hit only saves t
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import time
 from collections import OrderedDict
@@ -51,7 +52,20 @@ def share_cache_key(nation: str, kid: str, key_version: str, wrapped_key: bytes,
     return f"{CacheKind.SHARE.value}:{h.hexdigest()}"
 
 
-class MemoryCache:
+class ShareCache(abc.ABC):
+    """What the rewrap path needs from a cache; implementations may be remote and must fail open."""
+
+    @abc.abstractmethod
+    async def aget(self, key: str) -> object | None: ...
+
+    @abc.abstractmethod
+    async def aput(self, key: str, value: object, kind: CacheKind) -> None: ...
+
+    @abc.abstractmethod
+    def snapshot(self) -> CacheStats: ...
+
+
+class MemoryCache(ShareCache):
     """In-process TTL + LRU map; not thread-safe by design (one event loop or one actor owns it)."""
 
     def __init__(self, config: CacheConfig | None = None, *, clock: Callable[[], float] = time.monotonic) -> None:
@@ -84,6 +98,12 @@ class MemoryCache:
         while len(self._data) > self.config.max_entries:
             self._data.popitem(last=False)
             self.stats.evictions += 1
+
+    async def aget(self, key: str) -> object | None:
+        return self.get(key)
+
+    async def aput(self, key: str, value: object, kind: CacheKind) -> None:
+        self.put(key, value, kind)
 
     def invalidate_prefix(self, prefix: str) -> int:
         doomed = [k for k in self._data if k.startswith(prefix)]

@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from kas_ray.config import DEFAULT_NATIONS, AbacConfig, default_state_dir, load_yaml
 from kas_ray.errors import (
@@ -27,6 +28,18 @@ from kas_ray.errors import (
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DENIED, EXIT_TAMPERED, EXIT_UNREACHABLE, EXIT_TOKEN = 0, 1, 2, 3, 4, 5, 6
 PROFILE_ENV = "KAS_RAY_PROFILE"
 TOKEN_ENV = "KAS_RAY_TOKEN"  # noqa: S105 - a variable name, not a secret
+
+
+def _one_line(text: object) -> str:
+    """A message as one line (pydantic and YAML errors span several)."""
+    return " ".join(str(text).split())
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one stderr line, like every other failure (subparsers inherit the class)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {_one_line(message)} (see --help)\n")
 
 
 class CliError(Exception):
@@ -97,13 +110,18 @@ def _key_from_file(url: str, path: Path, oaep_hash: str | None) -> object:
         oaep = oaep_hash or ("sha1" if key.algorithm == "rsa:2048" else "sha256")
         return key.model_copy(update={"oaep_hash": oaep})
     except ValueError as exc:
-        raise CliError(f"{path}: {exc}") from None
+        errors = getattr(exc, "errors", None)  # pydantic ValidationError: keep the first message only
+        detail = errors()[0]["msg"].removeprefix("Value error, ") if callable(errors) else str(exc)
+        raise CliError(f"{path}: {detail}") from None
 
 
 def cmd_encrypt(args: argparse.Namespace) -> int:
     from kas_ray.policy import attribute_fqn
     from kas_ray.ztdf import Policy, encrypt
+    from kas_ray.ztdf.tdf import MAX_SEGMENT_SIZE
 
+    if not 0 < args.segment_size <= MAX_SEGMENT_SIZE:
+        raise CliError(f"--segment-size must be in 1..{MAX_SEGMENT_SIZE}")
     config = _abac(args)
     try:
         attributes = [attribute_fqn(config, "classification", args.classification)]
@@ -208,11 +226,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.state_dir, nations=args.nation or DEFAULT_NATIONS)
 
 
+# --- serve ------------------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    from kas_ray.serve.runner import serve_forever
+
+    return serve_forever(args.state_dir, host=args.host, port=args.port, nations=args.nation or DEFAULT_NATIONS,
+                         profile=args.profile)
+
+
 # --- parser -----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from kas_ray.ztdf import DEFAULT_SEGMENT_SIZE
 
-    parser = argparse.ArgumentParser(prog="kas-ray", description="Coalition Key Access Service (ACP-240 / ZTDF)")
+    parser = _Parser(prog="kas-ray", description="Coalition Key Access Service (ACP-240 / ZTDF)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def state(p: argparse.ArgumentParser) -> None:
@@ -261,6 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", help="also print the whole manifest")
     p.set_defaults(func=cmd_inspect)
 
+    p = sub.add_parser("serve", help="run every nation's KAS on local Ray Serve until Ctrl-C")
+    state(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--nation", action="append", help="nations (default USA, FRA, GBR)")
+    p.add_argument("--profile", default=os.environ.get(PROFILE_ENV, "dev"), choices=["dev", "prod"])
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("demo", help="run the coalition scenario and print the allow/deny matrix")
     state(p)
     p.add_argument("--nation", action="append", help="nations (default USA, FRA, GBR)")
@@ -274,10 +308,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except CliError as exc:
-        print(f"kas-ray: error: {exc}", file=sys.stderr)
+        print(f"kas-ray: error: {_one_line(exc)}", file=sys.stderr)
         return exc.code
     except KasRayError as exc:
-        print(f"kas-ray: {exc.code}: {exc.message}", file=sys.stderr)
+        print(f"kas-ray: {exc.code}: {_one_line(exc.message)}", file=sys.stderr)
         return _exit_code(exc)
     except KeyboardInterrupt:
         print("kas-ray: interrupted", file=sys.stderr)

@@ -229,6 +229,54 @@ class TrustRegistry(_Model):
         return self
 
 
+# --- the KAS service --------------------------------------------------------------------------------
+class RewrapLimits(_Model):
+    """Bounds on one rewrap request, so no body can cost unbounded work."""
+
+    max_body_bytes: int = Field(default=1024 * 1024, gt=0)
+    max_key_access_objects: int = Field(default=64, gt=0)
+    max_policies: int = Field(default=16, gt=0)
+    min_rsa_client_key_bits: int = 2048
+
+
+class KeyBackendConfig(_Model):
+    """Which backend the HSM actor runs; ``software`` keys live in the state directory."""
+
+    kind: Literal["software"] = "software"
+
+
+class NationSettings(_Model):
+    """One nation's KAS deployment: everything its replicas and actors are built from."""
+
+    nation: str = Field(min_length=2, max_length=10, pattern=r"^[A-Za-z]+$")
+    #: The URL clients use for this KAS (``http://HOST:PORT/{nation}``); KAOs name it.
+    public_url: str
+    state_dir: str = ".kas-ray"
+    profile: Profile = "dev"
+    #: Trust registry file; without one, the dev identity providers of ``coalition`` (dev profile only).
+    trust_registry: str | None = None
+    coalition: list[str] = Field(default_factory=lambda: list(DEFAULT_NATIONS))
+    abac_config: str | None = None
+    key_backend: KeyBackendConfig = Field(default_factory=KeyBackendConfig)
+    #: Audit file (JSON lines); default ``<state_dir>/audit/<nation>.jsonl``.
+    audit_path: str | None = None
+    limits: RewrapLimits = Field(default_factory=RewrapLimits)
+    #: Seconds a call to the HSM actor may take before the request fails with 503.
+    hsm_timeout_seconds: float = Field(default=10.0, gt=0)
+    #: Ray custom resources the HSM actor requires (pins it to this nation's nodes).
+    hsm_resources: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("nation")
+    @classmethod
+    def _upper_nation(cls, nation: str) -> str:
+        return nation.upper()
+
+    def audit_file(self) -> Path:
+        if self.audit_path:
+            return Path(self.audit_path)
+        return Path(self.state_dir) / "audit" / f"{self.nation.lower()}.jsonl"
+
+
 # --- helpers ----------------------------------------------------------------------------------------
 M = TypeVar("M", bound=BaseModel)
 

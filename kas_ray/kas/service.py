@@ -21,11 +21,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from kas_ray.audit import AuditAction, AuditEvent, AuditSink, MemoryAuditSink
-from kas_ray.cache import CacheKind, MemoryCache, share_cache_key
-from kas_ray.config import TrustRegistry
+from kas_ray.cache import CacheKind, MemoryCache, ShareCache, share_cache_key
+from kas_ray.config import RewrapLimits, TrustRegistry
 from kas_ray.errors import (
     AccessDenied,
     DPoPError,
@@ -58,17 +58,6 @@ from kas_ray.trust import (
 from kas_ray.ztdf.keyaccess import decode_wrapped_key
 from kas_ray.ztdf.manifest import KeyAccessObject
 from kas_ray.ztdf.policy import Policy, verify_binding
-
-
-class RewrapLimits(BaseModel):
-    """Bounds on one rewrap request, so no body can cost unbounded work."""
-
-    model_config = ConfigDict(frozen=True)
-
-    max_body_bytes: int = Field(default=1024 * 1024, gt=0)
-    max_key_access_objects: int = Field(default=64, gt=0)
-    max_policies: int = Field(default=16, gt=0)
-    min_rsa_client_key_bits: int = 2048
 
 
 class RewrapCall(BaseModel):
@@ -125,7 +114,7 @@ class RewrapService:
         policy: PolicyEngine,
         replay: ReplayStore,
         audit: AuditSink | None = None,
-        cache: MemoryCache | None = None,
+        cache: ShareCache | None = None,
         public_urls: list[str] | None = None,
         limits: RewrapLimits | None = None,
         verifier: TokenVerifier | None = None,
@@ -246,11 +235,11 @@ class RewrapService:
 
     async def _unwrap(self, info: KeyInfo, kao: KeyAccessObject, wrapped: bytes) -> bytes:
         key = share_cache_key(self.nation, info.kid, info.version, wrapped, kao.ephemeral_public_key)
-        cached = self.cache.get(key)
+        cached = await self.cache.aget(key)
         if isinstance(cached, bytes):
             return cached
         share = await self.keys.unwrap(info.kid, wrapped, kao.ephemeral_public_key)
-        self.cache.put(key, share, CacheKind.SHARE)
+        await self.cache.aput(key, share, CacheKind.SHARE)
         return share
 
     async def _kao(

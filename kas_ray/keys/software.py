@@ -113,7 +113,7 @@ class SoftwareKeystore(KeyBackend):
         lock = self.dir / ".lock"
         import fcntl
 
-        with open(lock, "a") as fh:  # serialise first-start generation across processes
+        with os.fdopen(os.open(lock, os.O_WRONLY | os.O_CREAT, 0o600), "a") as fh:  # serialise first start
             fcntl.flock(fh, fcntl.LOCK_EX)
             infos = self._read_index()
             present = {i.algorithm for i in infos}
@@ -165,7 +165,8 @@ class SoftwareKeystore(KeyBackend):
     def add_key(self, algorithm: KeyAlgorithm, oaep_hash: P.OaepHash | None = None) -> KeyInfo:
         """Rotate: a new active key of ``algorithm``; the previous one is retired but still decrypts."""
         if algorithm.startswith("rsa:") and oaep_hash is None:
-            oaep_hash = "sha256"
+            # What clients use for this algorithm (KasClient.public_key): OAEP-SHA1 for OpenTDF rsa:2048.
+            oaep_hash = "sha1" if algorithm == "rsa:2048" else "sha256"
         infos = [i.model_copy(update={"status": "retired"}) if i.algorithm == algorithm and i.status == "active"
                  else i for i in self._infos]
         info = self._create_key(algorithm, oaep_hash, infos)
