@@ -1,0 +1,185 @@
+"""The per-nation HSM actor and cache actor, and the replica-side proxies that call them.
+
+The HSM actor is the only process of a nation that holds (or talks to) its private keys; replicas
+reach it through :class:`ActorKeyBackend`, which implements :class:`KeyBackend` so the rewrap path
+does not know whether keys are local or behind an actor. Both actors are named per nation in an
+explicit namespace, created idempotently, and restart when they die.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
+
+from kas_ray.cache import CacheConfig, CacheKind, CacheStats, MemoryCache, ShareCache
+from kas_ray.config import Profile
+from kas_ray.errors import KasRayError, KeyBackendUnavailable
+from kas_ray.keys.base import Health, KeyBackend, KeyInfo
+
+NAMESPACE = "kas-ray"
+_ACTOR_FAILURES = (RayActorError, ActorDiedError, ActorUnavailableError, GetTimeoutError)
+
+
+def hsm_actor_name(nation: str) -> str:
+    return f"kas-hsm-{nation.lower()}"
+
+
+def cache_actor_name(nation: str) -> str:
+    return f"kas-cache-{nation.lower()}"
+
+
+class BackendSpec(dict[str, Any]):
+    """How the HSM actor builds its backend: ``{"kind": "software", "state_dir": ..., "profile": ...}``."""
+
+
+def build_backend(spec: dict[str, Any], nation: str) -> KeyBackend:
+    kind = spec.get("kind", "software")
+    if kind == "software":
+        from kas_ray.keys.software import SoftwareKeystore
+
+        profile: Profile = spec.get("profile", "dev")
+        return SoftwareKeystore(spec["state_dir"], nation, profile=profile)
+    raise KasRayError(f"unknown key backend kind {kind!r}")
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=16)
+class HsmActor:
+    """Holds one nation's key backend; answers public-key queries and unwrap calls."""
+
+    def __init__(self, nation: str, spec: dict[str, Any]) -> None:
+        self.nation = nation
+        self.backend = build_backend(spec, nation)
+
+    async def keys(self) -> list[KeyInfo]:
+        return await self.backend.keys()
+
+    async def unwrap(self, kid: str, wrapped: bytes, ephemeral_public_key_pem: str | None) -> bytes:
+        return await self.backend.unwrap(kid, wrapped, ephemeral_public_key_pem)
+
+    async def health(self) -> Health:
+        return await self.backend.health()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
+class CacheActor:
+    """One nation's shared cache of unwrapped shares, public keys and JWKS (TTL + LRU)."""
+
+    def __init__(self, config: CacheConfig | None = None) -> None:
+        self.cache = MemoryCache(config)
+
+    def get(self, key: str) -> object | None:
+        return self.cache.get(key)
+
+    def put(self, key: str, value: object, kind: CacheKind, ttl: float | None = None) -> None:
+        self.cache.put(key, value, kind, ttl)
+
+    def invalidate_prefix(self, prefix: str) -> int:
+        return self.cache.invalidate_prefix(prefix)
+
+    def stats(self) -> CacheStats:
+        return self.cache.snapshot()
+
+
+def get_or_create_actors(nation: str, backend_spec: dict[str, Any], cache_config: CacheConfig | None = None,
+                         *, resources: dict[str, float] | None = None) -> tuple[Any, Any]:
+    """The nation's (hsm, cache) actor handles, created on first call (idempotent across replicas)."""
+    options: dict[str, Any] = {"namespace": NAMESPACE, "lifetime": "detached", "get_if_exists": True}
+    if resources:
+        options["resources"] = resources
+    hsm = HsmActor.options(name=hsm_actor_name(nation), **options).remote(nation, backend_spec)
+    cache = CacheActor.options(name=cache_actor_name(nation), namespace=NAMESPACE, lifetime="detached",
+                               get_if_exists=True).remote(cache_config)
+    return hsm, cache
+
+
+def kill_actors(nations: list[str]) -> None:
+    """Remove the named actors of ``nations`` (on shutdown of the embedded default)."""
+    for nation in nations:
+        for name in (hsm_actor_name(nation), cache_actor_name(nation)):
+            try:
+                ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+            except ValueError:
+                pass
+
+
+class ActorKeyBackend(KeyBackend):
+    """A :class:`KeyBackend` whose private-key operations run in the nation's HSM actor.
+
+    Key metadata (public facts only) is cached in the replica; every call has a deadline and an
+    actor failure becomes :class:`KeyBackendUnavailable` (503), never a hang or a 500.
+    """
+
+    def __init__(self, hsm: Any, *, timeout: float = 10.0, info_ttl: float = 30.0) -> None:
+        self._hsm = hsm
+        self._timeout = timeout
+        self._info_ttl = info_ttl
+        self._infos: list[KeyInfo] | None = None
+        self._infos_at = 0.0
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        try:
+            return await asyncio.wait_for(getattr(self._hsm, method).remote(*args), self._timeout)
+        except TimeoutError:
+            raise KeyBackendUnavailable("the HSM actor did not answer in time") from None
+        except _ACTOR_FAILURES:
+            raise KeyBackendUnavailable("the HSM actor is unavailable (restarting)") from None
+
+    async def keys(self) -> list[KeyInfo]:
+        now = asyncio.get_running_loop().time()
+        if self._infos is None or now - self._infos_at > self._info_ttl:
+            self._infos = await self._call("keys")
+            self._infos_at = now
+        return list(self._infos)
+
+    def invalidate(self) -> None:
+        self._infos = None
+
+    async def unwrap(self, kid: str, wrapped: bytes, ephemeral_public_key_pem: str | None = None) -> bytes:
+        return await self._call("unwrap", kid, wrapped, ephemeral_public_key_pem)
+
+    async def health(self) -> Health:
+        return await self._call("health")
+
+
+class TieredShareCache(ShareCache):
+    """A small per-replica cache in front of the nation's cache actor (saves an actor hop on hits).
+
+    The cache actor is best effort: if it is slow or gone the request goes on as a miss.
+    """
+
+    def __init__(self, actor: Any, local: MemoryCache | None = None, *, timeout: float = 1.0,
+                 local_ttl: float = 15.0) -> None:
+        self._actor = actor
+        self.local = local or MemoryCache(CacheConfig(max_entries=10_000))
+        self._timeout = timeout
+        #: Short, so an invalidation in the cache actor reaches every replica quickly.
+        self._local_ttl = local_ttl
+
+    async def aget(self, key: str) -> object | None:
+        value = self.local.get(key)
+        if value is not None:
+            return value
+        try:
+            value = await asyncio.wait_for(self._actor.get.remote(key), self._timeout)
+        except (TimeoutError, *_ACTOR_FAILURES):
+            return None
+        if value is not None:
+            self.local.put(key, value, CacheKind.SHARE, ttl=self._local_ttl)
+        return value
+
+    async def aput(self, key: str, value: object, kind: CacheKind) -> None:
+        self.local.put(key, value, kind, ttl=self._local_ttl)
+        try:
+            await asyncio.wait_for(self._actor.put.remote(key, value, kind), self._timeout)
+        except (TimeoutError, *_ACTOR_FAILURES):
+            pass
+
+    def snapshot(self) -> CacheStats:
+        return self.local.snapshot()

@@ -1,0 +1,125 @@
+"""The nation KAS as a Ray Serve deployment (FastAPI ingress), and its application builder.
+
+One Serve application per nation, at route prefix ``/{nation}``: the Serve proxy routes straight
+to the nation's replicas (no extra hop). Replicas hold no private key: unwraps go to the nation's
+HSM actor, cache misses to its cache actor, behind a small per-replica cache.
+
+    serve run deployments/local.yaml          # per-nation args come from the file
+    kas-ray serve                             # the embedded default, all nations
+"""
+
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from ray import serve
+
+from kas_ray.audit import JsonLinesAuditSink
+from kas_ray.config import AbacConfig, NationSettings, TrustRegistry, load_yaml
+from kas_ray.errors import ConfigError
+from kas_ray.kas.service import RewrapCall, RewrapService
+from kas_ray.policy import PolicyEngine
+from kas_ray.serve.actors import ActorKeyBackend, TieredShareCache, get_or_create_actors
+from kas_ray.serve.http import KasHttpApi
+from kas_ray.trust import MemoryReplayStore, dev_trust_registry
+
+app = FastAPI(
+    title="kas-ray nation KAS",
+    description="OpenTDF-compatible Key Access Service of one nation (NATO ACP-240).",
+    version="0.1.0",
+)
+
+
+def load_trust(settings: NationSettings) -> TrustRegistry:
+    if settings.trust_registry:
+        registry = load_yaml(settings.trust_registry, TrustRegistry)
+        if registry.profile != settings.profile:
+            raise ConfigError(f"trust registry profile {registry.profile} differs from the KAS profile "
+                              f"{settings.profile}")
+        return registry
+    if settings.profile != "dev":
+        raise ConfigError("the prod profile needs a trust_registry file (dev identity providers are refused)")
+    return dev_trust_registry(settings.state_dir, settings.coalition)
+
+
+def build_service(settings: NationSettings) -> RewrapService:
+    """Everything a replica needs, wired to the nation's actors."""
+    backend_spec = {"kind": settings.key_backend.kind, "state_dir": settings.state_dir, "profile": settings.profile}
+    hsm, cache = get_or_create_actors(settings.nation, backend_spec, resources=settings.hsm_resources or None)
+    abac = load_yaml(settings.abac_config, AbacConfig) if settings.abac_config else AbacConfig()
+    return RewrapService(
+        settings.nation,
+        keys=ActorKeyBackend(hsm, timeout=settings.hsm_timeout_seconds),
+        trust=load_trust(settings),
+        policy=PolicyEngine(abac),
+        replay=MemoryReplayStore(),
+        audit=JsonLinesAuditSink(settings.audit_file()),
+        cache=TieredShareCache(cache),
+        public_urls=[settings.public_url],
+        limits=settings.limits,
+    )
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64, health_check_period_s=10)
+@serve.ingress(app)
+class NationKAS:
+    """HTTP routes of one nation's KAS; each route delegates to :class:`KasHttpApi`."""
+
+    def __init__(self, settings: dict[str, Any] | NationSettings) -> None:
+        self.settings = NationSettings.model_validate(settings)
+        self.service = build_service(self.settings)
+        self.api = KasHttpApi(self.service)
+
+    # OpenTDF Connect (unary; JSON or proto)
+    @app.post("/kas.AccessService/PublicKey", summary="Public key (Connect)")
+    async def connect_public_key(self, request: Request) -> Response:
+        return await self.api.guarded(self.api.connect_public_key, request)
+
+    @app.post("/kas.AccessService/LegacyPublicKey", summary="Legacy public key PEM (Connect)")
+    async def connect_legacy_public_key(self, request: Request) -> Response:
+        return await self.api.guarded(self.api.connect_legacy_public_key, request)
+
+    @app.post("/kas.AccessService/Rewrap", summary="Rewrap (Connect)")
+    async def connect_rewrap(self, request: Request) -> Response:
+        return await self.api.guarded(self.api.connect_rewrap, request)
+
+    # OpenTDF legacy REST (under /kas, as older clients address it)
+    @app.get("/kas/kas_public_key", summary="Legacy public key PEM (REST)")
+    async def rest_public_key(self, request: Request) -> Response:
+        return await self.api.guarded(self.api.rest_public_key, request, False)
+
+    @app.get("/kas/v2/kas_public_key", summary="Public key and kid (REST)")
+    async def rest_public_key_v2(self, request: Request) -> Response:
+        return await self.api.guarded(self.api.rest_public_key, request, True)
+
+    @app.post("/kas/v2/rewrap", summary="Rewrap (REST)")
+    async def rest_rewrap(self, request: Request) -> Response:
+        return await self.api.guarded(self.api.rest_rewrap, request)
+
+    # ACP-240 form: clientPublicKey + requests[], or the same inside a signedRequestToken
+    @app.post("/rewrap", summary="Rewrap (ACP-240 form)")
+    async def acp240_rewrap(self, request: Request) -> Response:
+        return await self.api.guarded(self.api.rest_rewrap, request)
+
+    @app.get("/healthz", summary="Liveness")
+    async def healthz(self) -> Response:
+        return await self.api.healthz()
+
+    @app.get("/readyz", summary="Readiness: keys loaded, HSM actor answering, trust loaded")
+    async def readyz(self) -> Response:
+        return await self.api.readyz()
+
+    # Python clients (deployment handles) call this directly: same checks, no HTTP.
+    async def rewrap(self, call: dict[str, Any]) -> dict[str, Any]:
+        response = await self.service.rewrap(RewrapCall.model_validate(call))
+        return response.to_wire()
+
+    async def public_key(self, algorithm: str = "rsa:2048") -> dict[str, str]:
+        return await self.api.public_key(algorithm)
+
+
+def build_nation(args: dict[str, Any]) -> serve.Application:
+    """Application builder for ``serve run`` / Serve config files: ``args`` are :class:`NationSettings`."""
+    settings = NationSettings.model_validate(args)
+    return NationKAS.options(name=f"kas-{settings.nation.lower()}").bind(settings.model_dump())

@@ -1,0 +1,206 @@
+"""HTTP surface of one nation's KAS: OpenTDF Connect, OpenTDF legacy REST and the ACP-240 form.
+
+:class:`KasHttpApi` turns HTTP requests into :class:`RewrapService` calls and every failure into
+a 4xx/503 JSON error (``{"code", "message"}``, Connect style); it never answers 500 for bad input.
+The Serve deployment binds these handlers to routes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from kas_ray.errors import (
+    AccessDenied,
+    FormatError,
+    KasRayError,
+    KeyBackendUnavailable,
+    KeyNotFoundError,
+    TokenError,
+)
+from kas_ray.kas.service import RewrapCall, RewrapService
+
+logger = logging.getLogger("kas_ray.http")
+
+JSON = "application/json"
+PROTO = "application/proto"
+
+#: kas-ray error → Connect error code (the HTTP status comes from the error class).
+_CONNECT_CODES: list[tuple[type[KasRayError], str]] = [
+    (TokenError, "unauthenticated"),
+    (AccessDenied, "permission_denied"),
+    (KeyNotFoundError, "not_found"),
+    (KeyBackendUnavailable, "unavailable"),
+]
+_STATUS_CODES = {400: "invalid_argument", 401: "unauthenticated", 403: "permission_denied", 404: "not_found",
+                 413: "resource_exhausted", 415: "invalid_argument", 429: "resource_exhausted",
+                 503: "unavailable"}
+
+
+class PayloadTooLarge(FormatError):
+    """The request body is larger than this KAS accepts."""
+
+    code = "payload_too_large"
+    http_status = 413
+
+
+class UnsupportedMediaType(FormatError):
+    """The request content type is not JSON (or proto on Connect routes)."""
+
+    code = "unsupported_media_type"
+    http_status = 415
+
+
+def error_response(exc: KasRayError, headers: dict[str, str] | None = None) -> JSONResponse:
+    code = next((c for kind, c in _CONNECT_CODES if isinstance(exc, kind)), None)
+    status = exc.http_status if 400 <= exc.http_status < 600 and exc.http_status != 500 else 503
+    code = code or _STATUS_CODES.get(status, "invalid_argument")
+    if isinstance(exc, KeyBackendUnavailable):
+        headers = {"Retry-After": "1", **(headers or {})}
+    return JSONResponse({"code": code, "message": exc.message, "error": exc.code}, status_code=status,
+                        headers=headers)
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", JSON).split(";", 1)[0].strip().lower() or JSON
+
+
+class KasHttpApi:
+    """Request/response handling shared by every route of one nation's KAS."""
+
+    def __init__(self, service: RewrapService, *, max_body_bytes: int | None = None) -> None:
+        self.service = service
+        self.max_body_bytes = max_body_bytes or service.limits.max_body_bytes
+
+    # --- body handling ----------------------------------------------------------------------------------
+    async def read_body(self, request: Request) -> bytes:
+        """The raw body, refused with 413 as soon as it passes the limit (never buffered past it)."""
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            try:
+                if int(declared) > self.max_body_bytes:
+                    raise PayloadTooLarge(f"request body exceeds {self.max_body_bytes} bytes")
+            except ValueError:
+                raise FormatError("Content-Length is not a number") from None
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise PayloadTooLarge(f"request body exceeds {self.max_body_bytes} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def read_json(self, request: Request) -> dict[str, Any]:
+        media = _media_type(request)
+        if media not in (JSON, "application/connect+json", "text/plain"):
+            raise UnsupportedMediaType(f"content type {media!r} is not supported here (use {JSON})")
+        raw = await self.read_body(request)
+        try:
+            data = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise FormatError("request body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise FormatError("request body must be a JSON object")
+        return data
+
+    async def read_connect(self, request: Request) -> tuple[dict[str, Any], bool]:
+        """A Connect unary body as a JSON-shaped dict, and whether the client spoke proto."""
+        if _media_type(request) == PROTO:
+            from kas_ray.kas import proto
+
+            raw = await self.read_body(request)
+            return proto.decode_request(request.url.path, raw), True
+        return await self.read_json(request), False
+
+    # --- public keys --------------------------------------------------------------------------------------
+    async def public_key(self, algorithm: str | None, fmt: str | None = None) -> dict[str, str]:
+        algorithm = (algorithm or "rsa:2048").lower()
+        if algorithm not in ("rsa:2048", "rsa:3072", "rsa:4096", "ec:secp256r1"):
+            raise FormatError(f"unsupported algorithm {algorithm!r}")
+        if fmt not in (None, "", "pkcs8", "pem"):
+            raise FormatError(f"unsupported public key format {fmt!r} (pkcs8 only)")
+        info = await self.service.keys.key_info(None, algorithm)  # type: ignore[arg-type]
+        return {"publicKey": info.public_key_pem, "kid": info.kid}
+
+    # --- rewrap -------------------------------------------------------------------------------------------
+    def call(self, request: Request, body: dict[str, Any]) -> RewrapCall:
+        return RewrapCall(
+            authorization=request.headers.get("authorization"),
+            dpop=request.headers.get("dpop"),
+            method=request.method,
+            url=str(request.url),
+            body=body,
+            request_id=request.headers.get("x-request-id") or RewrapCall.model_fields["request_id"].default_factory(),  # type: ignore[misc]
+        )
+
+    async def rewrap(self, request: Request, body: dict[str, Any]) -> dict[str, Any]:
+        response = await self.service.rewrap(self.call(request, body))
+        return response.to_wire()
+
+    async def guarded(self, handler: Any, *args: Any) -> Response:
+        """Run a handler; kas-ray errors become JSON 4xx/503, anything unexpected a logged 503."""
+        try:
+            return await handler(*args)
+        except KasRayError as exc:
+            return error_response(exc)
+        except Exception:  # a bug must not leak details, nor look like a permit
+            logger.exception("unexpected error in KAS handler")
+            return error_response(KeyBackendUnavailable("internal error; the request was not processed"))
+
+    # --- route bodies -----------------------------------------------------------------------------------
+    async def connect_public_key(self, request: Request) -> Response:
+        body, is_proto = await self.read_connect(request)
+        result = await self.public_key(body.get("algorithm"), body.get("fmt"))
+        return self._connect_reply(request.url.path, result, is_proto)
+
+    async def connect_legacy_public_key(self, request: Request) -> Response:
+        body, is_proto = await self.read_connect(request)
+        result = await self.public_key(body.get("algorithm"))
+        if is_proto:
+            from kas_ray.kas import proto
+
+            return Response(proto.encode_string_value(result["publicKey"]), media_type=PROTO)
+        return JSONResponse(result["publicKey"])
+
+    async def connect_rewrap(self, request: Request) -> Response:
+        body, is_proto = await self.read_connect(request)
+        return self._connect_reply(request.url.path, await self.rewrap(request, body), is_proto)
+
+    def _connect_reply(self, path: str, result: dict[str, Any], is_proto: bool) -> Response:
+        if is_proto:
+            from kas_ray.kas import proto
+
+            return Response(proto.encode_response(path, result), media_type=PROTO)
+        return JSONResponse(result)
+
+    async def rest_public_key(self, request: Request, v2: bool) -> Response:
+        result = await self.public_key(request.query_params.get("algorithm"), request.query_params.get("fmt"))
+        return JSONResponse(result) if v2 else JSONResponse(result["publicKey"])
+
+    async def rest_rewrap(self, request: Request) -> Response:
+        return JSONResponse(await self.rewrap(request, await self.read_json(request)))
+
+    async def healthz(self) -> Response:
+        return JSONResponse({"status": "alive", "nation": self.service.nation})
+
+    async def readyz(self) -> Response:
+        checks: dict[str, Any] = {}
+        try:
+            health = await self.service.keys.health()
+            checks["hsm"] = health.ok
+            checks["keys"] = health.keys
+        except KasRayError as exc:
+            checks["hsm"], checks["hsm_error"] = False, exc.message
+        checks["trust"] = bool(self.service.trust.issuers)
+        ready = bool(checks.get("hsm")) and checks.get("keys", 0) > 0 and checks["trust"]
+        return JSONResponse({"status": "ready" if ready else "not ready", "nation": self.service.nation,
+                             "checks": checks}, status_code=200 if ready else 503)
+
+
+def plain_text(text: str, status: int = 200) -> PlainTextResponse:
+    return PlainTextResponse(text, status_code=status)

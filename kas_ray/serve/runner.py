@@ -1,0 +1,130 @@
+"""Start and stop the embedded default: local Ray, every nation's KAS, an index at ``/``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kas_ray.config import DEFAULT_NATIONS, NationSettings, Profile
+
+#: Same auth mode for the cluster we start and any `ray`/`serve` CLI the operator runs next to it.
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
+
+
+def nation_settings(state_dir: str | os.PathLike[str], nations: list[str], public_base: str, *,
+                    profile: Profile = "dev", **overrides: Any) -> list[NationSettings]:
+    state = str(Path(state_dir).resolve())
+    return [NationSettings(nation=n, public_url=f"{public_base.rstrip('/')}/{n.lower()}", state_dir=state,
+                           profile=profile, coalition=nations, **overrides) for n in nations]
+
+
+def deploy(settings: list[NationSettings], *, index: bool = True) -> dict[str, str]:
+    """Deploy one Serve application per nation at ``/{nation}``; returns nation → URL."""
+    from ray import serve
+
+    from kas_ray.serve.deployment import build_nation
+    from kas_ray.serve.index import build_index
+
+    urls: dict[str, str] = {}
+    for nation in settings:
+        serve.run(build_nation(nation.model_dump()), name=nation.nation.lower(),
+                  route_prefix=f"/{nation.nation.lower()}", blocking=False)
+        urls[nation.nation] = nation.public_url
+    if index:
+        serve.run(build_index({"urls": urls}), name="index", route_prefix="/", blocking=False)
+    return urls
+
+
+def start_ray(*, num_cpus: int | None = None) -> None:
+    import ray
+
+    from kas_ray.serve.actors import NAMESPACE
+
+    os.environ.setdefault(AUTH_MODE_ENV, "disabled")
+    address = os.environ.get("RAY_ADDRESS") or "local"
+    ray.init(address=address, namespace=NAMESPACE, include_dashboard=False, num_cpus=num_cpus,
+             log_to_driver=False, ignore_reinit_error=True)
+
+
+def try_it(urls: dict[str, str], state_dir: str) -> str:
+    first_nation, first_url = next(iter(urls.items()))
+    other = [u for n, u in urls.items() if n != first_nation][:1]
+    kas = " ".join(f"--kas {u}" for u in [first_url, *other])
+    return (
+        "Try it:\n"
+        f"  export KAS_RAY_STATE_DIR={state_dir}\n"
+        "  echo 'attack at dawn' > plan.txt\n"
+        f"  kas-ray encrypt plan.txt -o plan.tdf {kas} --classification SECRET "
+        f"--releasable-to {first_nation} --releasable-to FRA\n"
+        f"  kas-ray token --nation {first_nation.lower()} --sub alice --clearance SECRET > alice.jwt\n"
+        "  kas-ray decrypt plan.tdf -o plan.out --token-file alice.jwt && cat plan.out\n"
+    )
+
+
+def serve_forever(state_dir: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int = 8000,
+                  nations: list[str] | None = None, profile: Profile = "dev",
+                  out: Callable[[str], None] = print, stop: threading.Event | None = None) -> int:
+    """``kas-ray serve``: start everything, print URLs, block until Ctrl-C/SIGTERM, shut down cleanly."""
+    import ray
+    from ray import serve
+
+    from kas_ray.serve.actors import kill_actors
+
+    nations = [n.upper() for n in (nations or DEFAULT_NATIONS)]
+    Path(state_dir).mkdir(parents=True, exist_ok=True)
+    stop = stop or threading.Event()
+    started = time.perf_counter()
+    start_ray()
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        public = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"  # noqa: S104
+        urls = deploy(nation_settings(state_dir, nations, public, profile=profile))
+        _wait_ready(list(urls.values()))
+        out(f"kas-ray: {len(urls)} nation KAS ready in {time.perf_counter() - started:.1f}s "
+            f"(profile {profile}, state {Path(state_dir).resolve()})")
+        for nation, url in urls.items():
+            out(f"  {nation}: {url}   (OpenAPI {url}/docs)")
+        out(try_it(urls, str(Path(state_dir).resolve())))
+        out("Press Ctrl-C to stop.")
+        previous = signal.signal(signal.SIGTERM, lambda *_: stop.set()) if _main_thread() else None
+        try:
+            while not stop.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            pass
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+        out("kas-ray: shutting down")
+        serve.shutdown()
+        kill_actors(nations)
+    finally:
+        ray.shutdown()
+    return 0
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _wait_ready(urls: list[str], timeout: float = 120.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    pending = list(urls)
+    while pending and time.monotonic() < deadline:
+        for url in list(pending):
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2.0).status_code == 200:
+                    pending.remove(url)
+            except httpx.HTTPError:
+                pass
+        if pending:
+            time.sleep(0.3)
+    if pending:
+        raise TimeoutError(f"KAS not ready after {timeout:.0f}s: {', '.join(pending)}")
