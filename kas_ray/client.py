@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import base64
 import binascii
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import httpx
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pydantic import ValidationError
 
 from kas_ray.errors import (
     AccessDenied,
-    DPoPError,
     KasRayError,
     KasUnreachableError,
     KeyUnwrapError,
@@ -132,6 +131,53 @@ class LocalTransport(Transport):
         self._loop.close()
 
 
+class HandleTransport(Transport):
+    """In-cluster: calls nation deployments through Ray Serve deployment handles (no HTTP).
+
+    ``apps`` maps a KAS URL to its Serve application name; by default the application is named
+    after the last path segment of the URL (``http://host:8000/usa`` → ``usa``), as
+    ``kas-ray serve`` and ``deployments/local.yaml`` deploy it. Synchronous: for drivers and jobs,
+    not for code already running in an event loop.
+    """
+
+    def __init__(self, apps: Mapping[str, str] | None = None, *, timeout: float = 30.0) -> None:
+        self._apps = {kas_base_url(url): name for url, name in (apps or {}).items()}
+        self._timeout = timeout
+        self._handles: dict[str, Any] = {}
+
+    def _handle(self, base_url: str) -> Any:
+        from ray import serve
+
+        name = self._apps.get(base_url) or base_url.rstrip("/").rsplit("/", 1)[-1].lower()
+        if name not in self._handles:
+            try:
+                self._handles[name] = serve.get_app_handle(name)
+            except Exception:  # Serve raises several types for a missing app  # noqa: BLE001
+                raise KasUnreachableError(f"no Serve application {name!r} for {base_url}") from None
+        return self._handles[name]
+
+    def _call(self, base_url: str, method: str, *args: Any) -> Any:
+        from kas_ray.errors import error_from_code
+
+        try:
+            envelope = getattr(self._handle(base_url), method).remote(*args).result(timeout_s=self._timeout)
+        except KasRayError:
+            raise
+        except Exception as exc:  # handle timeouts and dead replicas  # noqa: BLE001
+            raise KasUnreachableError(f"KAS {base_url} did not answer: {exc.__class__.__name__}") from None
+        if "error" in envelope:
+            raise error_from_code(envelope["error"]["code"], envelope["error"]["message"])
+        return envelope["ok"]
+
+    def public_key(self, base_url: str, algorithm: str) -> PublicKeyResponse:
+        return PublicKeyResponse.model_validate(self._call(base_url, "public_key", algorithm))
+
+    def rewrap(self, base_url: str, headers: dict[str, str], body: dict[str, Any]) -> RewrapResponse:
+        call = {"authorization": headers.get("Authorization"), "dpop": headers.get("DPoP"),
+                "url": base_url + REWRAP_PATH, "body": body}
+        return RewrapResponse.model_validate(self._call(base_url, "rewrap", call))
+
+
 class KasClient:
     """Rewraps KAOs for one user (access token) with a fresh DPoP key and session key pair."""
 
@@ -193,14 +239,10 @@ class KasClient:
             if not isinstance(session, ec.EllipticCurvePublicKey):
                 raise KeyUnwrapError(f"KAS {base} sent a sessionPublicKey that is not EC")
             return P.ec_unwrap(self._client_key, session, wrapped)
-        except (ValueError, binascii.Error) as exc:
-            if isinstance(exc, KasRayError):
-                raise
-            raise KeyUnwrapError(f"the key released by {base} could not be decrypted") from None
-        except Exception as exc:  # InvalidTag
-            if isinstance(exc, KasRayError):
-                raise
+        except KasRayError:
+            raise
+        except (ValueError, binascii.Error, InvalidTag):
             raise KeyUnwrapError(f"the key released by {base} could not be decrypted") from None
 
 
-__all__ = ["DPoPError", "HttpTransport", "KasClient", "LocalTransport", "Transport", "base64"]
+__all__ = ["HandleTransport", "HttpTransport", "KasClient", "LocalTransport", "Transport"]

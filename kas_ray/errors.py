@@ -152,3 +152,18 @@ class RewrapError(KasRayError):
     """A KAS refused or failed a rewrap for every alternative of a split."""
 
     code = "rewrap_failed"
+
+
+def _all_error_classes(cls: type[KasRayError] = KasRayError) -> list[type[KasRayError]]:
+    found = [cls]
+    for sub in cls.__subclasses__():
+        found.extend(_all_error_classes(sub))
+    return found
+
+
+def error_from_code(code: str, message: str) -> KasRayError:
+    """Rebuild a kas-ray error from its ``code`` (e.g. across a Ray handle); unknown codes → KasRayError."""
+    for cls in _all_error_classes():
+        if cls.code == code:
+            return cls(message)
+    return KasRayError(message)

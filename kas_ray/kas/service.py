@@ -212,7 +212,10 @@ class RewrapService:
         )
         response = RewrapResponse(session_public_key=session.session_public_pem, responses=list(responses))
         if request.is_v1:
+            # v1 (one keyAccess) answers with a status, as the platform does: 400/403 carry no key.
             first = responses[0].results[0]
+            if first.status != "permit":
+                raise (AccessDenied if first.error == OPENTDF_FORBIDDEN else FormatError)(first.error or "")
             response.entity_wrapped_key = first.kas_wrapped_key
         return response
 

@@ -9,15 +9,17 @@ HSM actor, cache misses to its cache actor, behind a small per-replica cache.
 """
 
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+from pydantic import ValidationError
 from ray import serve
 
 from kas_ray.audit import JsonLinesAuditSink
 from kas_ray.config import AbacConfig, NationSettings, TrustRegistry, load_yaml
-from kas_ray.errors import ConfigError
+from kas_ray.errors import ConfigError, FormatError, KasRayError
 from kas_ray.kas.service import RewrapCall, RewrapService
 from kas_ray.policy import PolicyEngine
 from kas_ray.serve.actors import ActorKeyBackend, TieredShareCache, get_or_create_actors
@@ -61,6 +63,14 @@ def build_service(settings: NationSettings) -> RewrapService:
     )
 
 
+async def handle_envelope(handler: Callable[..., Awaitable[Any]], *args: Any) -> dict[str, Any]:
+    try:
+        return {"ok": await handler(*args)}
+    except KasRayError as exc:
+        return {"error": {"code": exc.code, "message": exc.message}}
+
+
+# Serve serializes the class when it is decorated: everything it uses must be defined above it.
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64, health_check_period_s=10)
 @serve.ingress(app)
 class NationKAS:
@@ -110,13 +120,20 @@ class NationKAS:
     async def readyz(self) -> Response:
         return await self.api.readyz()
 
-    # Python clients (deployment handles) call this directly: same checks, no HTTP.
+    # Python clients (deployment handles) call these directly: same checks, no HTTP. Errors come back
+    # as {"error": {"code", "message"}} envelopes rather than exceptions pickled across processes.
     async def rewrap(self, call: dict[str, Any]) -> dict[str, Any]:
-        response = await self.service.rewrap(RewrapCall.model_validate(call))
-        return response.to_wire()
+        return await handle_envelope(self._rewrap, call)
 
-    async def public_key(self, algorithm: str = "rsa:2048") -> dict[str, str]:
-        return await self.api.public_key(algorithm)
+    async def public_key(self, algorithm: str = "rsa:2048") -> dict[str, Any]:
+        return await handle_envelope(self.api.public_key, algorithm)
+
+    async def _rewrap(self, call: dict[str, Any]) -> dict[str, Any]:
+        try:
+            parsed = RewrapCall.model_validate(call)
+        except ValidationError:
+            raise FormatError("malformed rewrap call") from None
+        return (await self.service.rewrap(parsed)).to_wire()
 
 
 def build_nation(args: dict[str, Any]) -> serve.Application:

@@ -22,6 +22,7 @@ from kas_ray.errors import (
     KeyNotFoundError,
     TokenError,
 )
+from kas_ray.kas import proto
 from kas_ray.kas.service import RewrapCall, RewrapService
 
 logger = logging.getLogger("kas_ray.http")
@@ -38,7 +39,19 @@ _CONNECT_CODES: list[tuple[type[KasRayError], str]] = [
 ]
 _STATUS_CODES = {400: "invalid_argument", 401: "unauthenticated", 403: "permission_denied", 404: "not_found",
                  413: "resource_exhausted", 415: "invalid_argument", 429: "resource_exhausted",
-                 503: "unavailable"}
+                 501: "unimplemented", 503: "unavailable"}
+
+
+_PROTO_DECODERS = {
+    "PublicKey": proto.decode_public_key_request,
+    "LegacyPublicKey": proto.decode_legacy_public_key_request,
+    "Rewrap": proto.decode_rewrap_request,
+}
+_JSON_DECODERS = {
+    "PublicKey": proto.public_key_request_from_json,
+    "LegacyPublicKey": proto.legacy_public_key_request_from_json,
+    "Rewrap": proto.rewrap_request_from_json,
+}
 
 
 class PayloadTooLarge(FormatError):
@@ -93,7 +106,9 @@ class KasHttpApi:
             if size > self.max_body_bytes:
                 raise PayloadTooLarge(f"request body exceeds {self.max_body_bytes} bytes")
             chunks.append(chunk)
-        return b"".join(chunks)
+        # Connect clients (otdf-python) gzip request bodies; inflate with the same bound.
+        return proto.decode_content_encoding(b"".join(chunks), request.headers.get("content-encoding"),
+                                             self.max_body_bytes)
 
     async def read_json(self, request: Request) -> dict[str, Any]:
         media = _media_type(request)
@@ -108,14 +123,17 @@ class KasHttpApi:
             raise FormatError("request body must be a JSON object")
         return data
 
-    async def read_connect(self, request: Request) -> tuple[dict[str, Any], bool]:
-        """A Connect unary body as a JSON-shaped dict, and whether the client spoke proto."""
-        if _media_type(request) == PROTO:
-            from kas_ray.kas import proto
-
-            raw = await self.read_body(request)
-            return proto.decode_request(request.url.path, raw), True
-        return await self.read_json(request), False
+    async def read_connect(self, request: Request, method: str) -> tuple[dict[str, Any], bool]:
+        """A Connect unary body (``method`` of kas.AccessService) as a dict, and whether it was proto."""
+        version = request.headers.get("connect-protocol-version")
+        if version is not None and version != proto.CONNECT_PROTOCOL_VERSION:
+            raise FormatError(f"unsupported Connect-Protocol-Version {version!r}")
+        media = _media_type(request)
+        if media == PROTO:
+            return _PROTO_DECODERS[method](await self.read_body(request)), True
+        if media != JSON:
+            raise UnsupportedMediaType(f"content type {media!r} is not supported (use {JSON} or {PROTO})")
+        return _JSON_DECODERS[method](await self.read_body(request)), False
 
     # --- public keys --------------------------------------------------------------------------------------
     async def public_key(self, algorithm: str | None, fmt: str | None = None) -> dict[str, str]:
@@ -139,8 +157,7 @@ class KasHttpApi:
         )
 
     async def rewrap(self, request: Request, body: dict[str, Any]) -> dict[str, Any]:
-        response = await self.service.rewrap(self.call(request, body))
-        return response.to_wire()
+        return (await self.service.rewrap(self.call(request, body))).to_wire()
 
     async def guarded(self, handler: Any, *args: Any) -> Response:
         """Run a handler; kas-ray errors become JSON 4xx/503, anything unexpected a logged 503."""
@@ -154,29 +171,25 @@ class KasHttpApi:
 
     # --- route bodies -----------------------------------------------------------------------------------
     async def connect_public_key(self, request: Request) -> Response:
-        body, is_proto = await self.read_connect(request)
+        body, is_proto = await self.read_connect(request, "PublicKey")
         result = await self.public_key(body.get("algorithm"), body.get("fmt"))
-        return self._connect_reply(request.url.path, result, is_proto)
+        if is_proto:
+            return Response(proto.encode_public_key_response(result["publicKey"], result["kid"]), media_type=PROTO)
+        return JSONResponse(result)
 
     async def connect_legacy_public_key(self, request: Request) -> Response:
-        body, is_proto = await self.read_connect(request)
+        body, is_proto = await self.read_connect(request, "LegacyPublicKey")
         result = await self.public_key(body.get("algorithm"))
         if is_proto:
-            from kas_ray.kas import proto
-
             return Response(proto.encode_string_value(result["publicKey"]), media_type=PROTO)
         return JSONResponse(result["publicKey"])
 
     async def connect_rewrap(self, request: Request) -> Response:
-        body, is_proto = await self.read_connect(request)
-        return self._connect_reply(request.url.path, await self.rewrap(request, body), is_proto)
-
-    def _connect_reply(self, path: str, result: dict[str, Any], is_proto: bool) -> Response:
+        body, is_proto = await self.read_connect(request, "Rewrap")
+        response = await self.service.rewrap(self.call(request, body))
         if is_proto:
-            from kas_ray.kas import proto
-
-            return Response(proto.encode_response(path, result), media_type=PROTO)
-        return JSONResponse(result)
+            return Response(proto.encode_rewrap_response(response), media_type=PROTO)
+        return JSONResponse(response.to_wire())
 
     async def rest_public_key(self, request: Request, v2: bool) -> Response:
         result = await self.public_key(request.query_params.get("algorithm"), request.query_params.get("fmt"))

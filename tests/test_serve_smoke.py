@@ -1,0 +1,49 @@
+"""The nation KAS on a real Ray Serve cluster: an encrypt → rewrap over HTTP → decrypt round trip."""
+
+from __future__ import annotations
+
+import io
+
+import httpx
+
+from kas_ray.client import HandleTransport, HttpTransport, KasClient
+from kas_ray.config import AbacConfig
+from kas_ray.policy import attribute_fqn
+from kas_ray.trust import DevIdentityProvider
+from kas_ray.ztdf import Policy, decrypt, encrypt
+
+
+def _policy(*nations: str) -> Policy:
+    config = AbacConfig()
+    attrs = [attribute_fqn(config, "classification", "SECRET")]
+    attrs += [attribute_fqn(config, "releasable-to", n) for n in nations]
+    return Policy.create(attrs)
+
+
+def test_round_trip_over_http_and_handles(kas_cluster):
+    keys = [KasClient(HttpTransport()).public_key(kas_cluster.url(n)) for n in ("USA", "FRA")]
+    tdf = io.BytesIO()
+    encrypt(io.BytesIO(b"coalition secret"), tdf, splits=[[k] for k in keys], policy=_policy("USA", "FRA"))
+    token = DevIdentityProvider(kas_cluster.state_dir, "FRA").mint("bob", "SECRET_DEFENSE")
+    for transport in (HttpTransport(), HandleTransport()):
+        out = io.BytesIO()
+        decrypt(io.BytesIO(tdf.getvalue()), out, KasClient(transport, token))
+        assert out.getvalue() == b"coalition secret"
+    ready = httpx.get(f"{kas_cluster.url('GBR')}/readyz").json()
+    assert ready["status"] == "ready" and ready["checks"]["keys"] == 3
+
+
+def test_connect_proto_and_gzip(kas_cluster):
+    import gzip
+
+    from kas_ray.kas import proto
+
+    url = f"{kas_cluster.url('USA')}/kas.AccessService/PublicKey"
+    body = gzip.compress(proto.encode_public_key_request(algorithm="ec:secp256r1"))
+    reply = httpx.post(url, content=body, headers={"Content-Type": "application/proto", "Content-Encoding": "gzip",
+                                                   "Connect-Protocol-Version": "1"})
+    assert reply.status_code == 200 and reply.headers["content-type"] == "application/proto"
+    key = proto.decode_public_key_response(reply.content)
+    assert key.kid.startswith("usa-ec256") and "BEGIN PUBLIC KEY" in key.public_key
+    bad = httpx.post(url, content=b"\xff\xff\xff", headers={"Content-Type": "application/proto"})
+    assert bad.status_code == 400 and bad.json()["code"] == "invalid_argument"
