@@ -223,7 +223,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from kas_ray.demo import run_demo
 
-    return run_demo(args.state_dir, nations=args.nation or DEFAULT_NATIONS)
+    return run_demo(args.state_dir, nations=args.nation or DEFAULT_NATIONS, in_process=args.in_process,
+                    port=args.port)
 
 
 # --- serve ------------------------------------------------------------------------------------------
@@ -298,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the coalition scenario and print the allow/deny matrix")
     state(p)
     p.add_argument("--nation", action="append", help="nations (default USA, FRA, GBR)")
+    p.add_argument("--in-process", action="store_true", help="no Ray: run the KAS services in this process")
+    p.add_argument("--port", type=int, help="HTTP port for the KAS (default: a free port)")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -1,7 +1,8 @@
 """The coalition scenario: users of three nations read labelled documents through their KAS.
 
-Library level (in-process services, the full rewrap protocol: tokens, DPoP, signed requests,
-policy binding, ABAC, audit). Prints an allow/deny matrix with the reason of every denial and
+By default on Ray Serve over HTTP (the product's main job); ``--in-process`` runs the same scenario
+against in-process services. Either way the full rewrap protocol runs: tokens, DPoP, signed requests,
+policy binding, ABAC, audit. Prints an allow/deny matrix with the reason of every denial and
 checks it against the expected outcome, so the demo doubles as a smoke test (exit 1 on mismatch).
 """
 
@@ -9,14 +10,16 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TextIO
 
-from kas_ray.audit import AuditAction, FanoutAuditSink, JsonLinesAuditSink, MemoryAuditSink
-from kas_ray.client import KasClient, LocalTransport
+from kas_ray.audit import AuditAction, AuditEvent, JsonLinesAuditSink
+from kas_ray.client import HttpTransport, KasClient, LocalTransport, Transport
 from kas_ray.config import AbacConfig
 from kas_ray.errors import AccessDenied, KasRayError
 from kas_ray.kas.local import build_local_services, nation_url
@@ -76,19 +79,64 @@ def _policy(config: AbacConfig, doc: Document) -> Policy:
     return Policy.create(attrs)
 
 
-def run_demo(state_dir: str | os.PathLike[str], nations: list[str] | None = None,
-             base_url: str = "http://127.0.0.1:8000", out=sys.stdout) -> int:  # type: ignore[no-untyped-def]
+class AuditTail:
+    """Reads audit events appended to ``<state_dir>/audit/*.jsonl`` since the last call."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._offsets: dict[Path, int] = {}
+        self.new_events()  # start at the current end: earlier runs are not this demo's
+
+    def new_events(self) -> list[AuditEvent]:
+        events: list[AuditEvent] = []
+        for path in sorted(self.directory.glob("*.jsonl")):
+            with open(path, "rb") as fh:
+                fh.seek(self._offsets.get(path, 0))
+                data = fh.read()
+            complete = data[: data.rfind(b"\n") + 1]
+            self._offsets[path] = self._offsets.get(path, 0) + len(complete)
+            events += [AuditEvent.model_validate_json(line) for line in complete.splitlines() if line.strip()]
+        return events
+
+
+def run_demo(state_dir: str | os.PathLike[str], nations: list[str] | None = None, *, in_process: bool = False,
+             port: int | None = None, out: TextIO = sys.stdout) -> int:
+    """Run the scenario against the Ray Serve KAS (default) or in-process services (``in_process``)."""
     started = time.perf_counter()
     nations = [n.upper() for n in (nations or ["USA", "FRA", "GBR"])]
-    Path(state_dir).mkdir(parents=True, exist_ok=True)
+    state = Path(state_dir)
+    (state / "audit").mkdir(parents=True, exist_ok=True)
+    if in_process:
+        base_url = "http://127.0.0.1:8000"
+        sink = JsonLinesAuditSink(state / "audit" / "in-process.jsonl")
+        services = build_local_services(state, nations, base_url=base_url, audit=sink)
+        transport = LocalTransport(services)
+        print(f"kas-ray demo: {len(services)} nation KAS in process ({', '.join(nations)})", file=out)
+        try:
+            return _scenario(transport, base_url, state, nations, out, started)
+        finally:
+            sink.close()
+            transport.close()
+    from kas_ray.serve.runner import running_cluster
+
+    port = port or _free_port()
+    print(f"kas-ray demo: starting {len(nations)} nation KAS ({', '.join(nations)}) on Ray Serve, port {port}...",
+          file=out, flush=True)
+    with running_cluster(state, port=port, nations=nations) as urls:
+        print(f"  ready after {time.perf_counter() - started:.1f}s: {', '.join(urls.values())}", file=out)
+        return _scenario(HttpTransport(), f"http://127.0.0.1:{port}", state, nations, out, started)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _scenario(transport: Transport, base_url: str, state_dir: Path, nations: list[str], out: TextIO,
+              started: float) -> int:
     config = AbacConfig()
-    memory = MemoryAuditSink()
-    audit_file = JsonLinesAuditSink(Path(state_dir) / "audit.jsonl")
-    services = build_local_services(state_dir, nations, base_url=base_url, abac=config,
-                                    audit=FanoutAuditSink(audit_file, memory))
-    transport = LocalTransport(services)
-    print(f"kas-ray demo: {len(services)} nation KAS ({', '.join(nations)}) with software keystores in "
-          f"{state_dir}", file=out)
+    audit = AuditTail(state_dir / "audit")
     documents = [d for d in DOCUMENTS if set(d.kas) <= set(nations)]
     users = [u for u in USERS if u.nation in nations]
 
@@ -109,27 +157,26 @@ def run_demo(state_dir: str | os.PathLike[str], nations: list[str] | None = None
         print(f"  encrypted {doc.name:<16} {labels:<40} KAS {mode} {'+'.join(doc.kas)}", file=out)
 
     print("\nAllow/deny matrix (rows: users; columns: documents)", file=out)
-    header = f"{'user':<36}" + "".join(f"{d.name:>18}" for d in documents)
-    print(header, file=out)
+    print(f"{'user':<36}" + "".join(f"{d.name:>18}" for d in documents), file=out)
     mismatches: list[str] = []
     denials: list[str] = []
+    events = 0
     for user in users:
         idp = DevIdentityProvider(state_dir, user.nation)
         token = idp.mint(user.name, user.clearance, coi=list(user.coi), nationality=user.claims_nationality)
         client = KasClient(transport, token)
         cells = []
         for doc in documents:
-            before = len(memory.events)
             try:
-                result = io.BytesIO()
-                decrypt(io.BytesIO(sealed[doc.name]), result, client)
+                decrypt(io.BytesIO(sealed[doc.name]), io.BytesIO(), client)
                 allowed, cell = True, "ALLOW"
             except AccessDenied:
                 allowed, cell = False, "deny"
             except KasRayError as exc:
                 allowed, cell = False, f"error:{exc.code}"
-            reasons = sorted({r for e in memory.events[before:] if e.action == AuditAction.KEY_DENIED
-                              for r in e.reasons})
+            new = audit.new_events()
+            events += len(new)
+            reasons = sorted({r for e in new if e.action == AuditAction.KEY_DENIED for r in e.reasons})
             if not allowed:
                 denials.append(f"  {user.name} x {doc.name}: {'; '.join(reasons) or cell}")
             if allowed != (user.name in doc.expect):
@@ -140,11 +187,7 @@ def run_demo(state_dir: str | os.PathLike[str], nations: list[str] | None = None
 
     print("\nWhy each denial (from the audit log):", file=out)
     print("\n".join(denials), file=out)
-    released = sum(1 for e in memory.events if e.action == AuditAction.KEY_RELEASED)
-    print(f"\n{len(memory.events)} audit events ({released} keys released) appended to "
-          f"{audit_file.path}; took {time.perf_counter() - started:.1f}s", file=out)
-    audit_file.close()
-    transport.close()
+    print(f"\n{events} audit events in {state_dir / 'audit'}; took {time.perf_counter() - started:.1f}s", file=out)
     if mismatches:
         print("UNEXPECTED OUTCOMES: " + "; ".join(mismatches), file=out)
         return 1

@@ -425,11 +425,11 @@ def test_decrypt_unreachable_kas(co: Coalition, capsys: pytest.CaptureFixture[st
 
 # === demo and the installed script =========================================================================
 def test_demo(co: Coalition, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run(capsys, "demo", "--state-dir", co.state)
+    code, out, err = run(capsys, "demo", "--in-process", "--state-dir", co.state)
     assert code == 0, out + err
     assert "All outcomes as expected." in out
     assert "UNEXPECTED" not in out
-    assert (co.state / "audit.jsonl").stat().st_size > 0
+    assert (co.state / "audit" / "in-process.jsonl").stat().st_size > 0
 
 
 def test_console_script_smoke() -> None:

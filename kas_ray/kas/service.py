@@ -130,6 +130,8 @@ class RewrapService:
         self.limits = limits or RewrapLimits()
         self.verifier = verifier or TokenVerifier(trust, clock=clock)
         self._public_urls = {kas_base_url(u) for u in public_urls or []}
+        #: The canonical URL of this KAS: DPoP proofs must name it (``htu``), whatever Host header came in.
+        self.public_url = kas_base_url(public_urls[0]) if public_urls else None
         self._clock = clock
 
     # --- routing -------------------------------------------------------------------------------------

@@ -146,15 +146,30 @@ class KasHttpApi:
         return {"publicKey": info.public_key_pem, "kid": info.kid}
 
     # --- rewrap -------------------------------------------------------------------------------------------
+    def request_url(self, request: Request) -> str:
+        """The URL a DPoP proof must name: this KAS's configured public URL plus the route's path.
+
+        Built from configuration, not from the Host header, so a proof made for another KAS (or
+        another host name) never verifies here.
+        """
+        if self.service.public_url is None:
+            return str(request.url.replace(query=""))
+        root = request.scope.get("root_path", "")
+        path = request.url.path
+        return self.service.public_url + (path[len(root):] if root and path.startswith(root) else path)
+
     def call(self, request: Request, body: dict[str, Any]) -> RewrapCall:
-        return RewrapCall(
-            authorization=request.headers.get("authorization"),
-            dpop=request.headers.get("dpop"),
-            method=request.method,
-            url=str(request.url),
-            body=body,
-            request_id=request.headers.get("x-request-id") or RewrapCall.model_fields["request_id"].default_factory(),  # type: ignore[misc]
-        )
+        fields: dict[str, Any] = {
+            "authorization": request.headers.get("authorization"),
+            "dpop": request.headers.get("dpop"),
+            "method": request.method,
+            "url": self.request_url(request),
+            "body": body,
+        }
+        request_id = request.headers.get("x-request-id")
+        if request_id and len(request_id) <= 128:
+            fields["request_id"] = request_id
+        return RewrapCall(**fields)
 
     async def rewrap(self, request: Request, body: dict[str, Any]) -> dict[str, Any]:
         return (await self.service.rewrap(self.call(request, body))).to_wire()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,7 @@ def start_ray(*, num_cpus: int | None = None) -> None:
     from kas_ray.serve.actors import NAMESPACE
 
     os.environ.setdefault(AUTH_MODE_ENV, "disabled")
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # our own lines say what is up
     address = os.environ.get("RAY_ADDRESS") or "local"
     ray.init(address=address, namespace=NAMESPACE, include_dashboard=False, num_cpus=num_cpus,
              log_to_driver=False, ignore_reinit_error=True)
@@ -66,10 +69,10 @@ def try_it(urls: dict[str, str], state_dir: str) -> str:
     )
 
 
-def serve_forever(state_dir: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int = 8000,
-                  nations: list[str] | None = None, profile: Profile = "dev",
-                  out: Callable[[str], None] = print, stop: threading.Event | None = None) -> int:
-    """``kas-ray serve``: start everything, print URLs, block until Ctrl-C/SIGTERM, shut down cleanly."""
+@contextlib.contextmanager
+def running_cluster(state_dir: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int = 8000,
+                    nations: list[str] | None = None, profile: Profile = "dev") -> Iterator[dict[str, str]]:
+    """Local Ray + every nation's KAS, ready; yields nation → URL and tears everything down after."""
     import ray
     from ray import serve
 
@@ -77,14 +80,28 @@ def serve_forever(state_dir: str | os.PathLike[str], *, host: str = "127.0.0.1",
 
     nations = [n.upper() for n in (nations or DEFAULT_NATIONS)]
     Path(state_dir).mkdir(parents=True, exist_ok=True)
-    stop = stop or threading.Event()
-    started = time.perf_counter()
     start_ray()
     try:
         serve.start(http_options={"host": host, "port": port})
         public = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"  # noqa: S104
         urls = deploy(nation_settings(state_dir, nations, public, profile=profile))
         _wait_ready(list(urls.values()))
+        try:
+            yield urls
+        finally:
+            serve.shutdown()
+            kill_actors(nations)
+    finally:
+        ray.shutdown()
+
+
+def serve_forever(state_dir: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int = 8000,
+                  nations: list[str] | None = None, profile: Profile = "dev",
+                  out: Callable[[str], None] = print, stop: threading.Event | None = None) -> int:
+    """``kas-ray serve``: start everything, print URLs, block until Ctrl-C/SIGTERM, shut down cleanly."""
+    stop = stop or threading.Event()
+    started = time.perf_counter()
+    with running_cluster(state_dir, host=host, port=port, nations=nations, profile=profile) as urls:
         out(f"kas-ray: {len(urls)} nation KAS ready in {time.perf_counter() - started:.1f}s "
             f"(profile {profile}, state {Path(state_dir).resolve()})")
         for nation, url in urls.items():
@@ -101,10 +118,6 @@ def serve_forever(state_dir: str | os.PathLike[str], *, host: str = "127.0.0.1",
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
         out("kas-ray: shutting down")
-        serve.shutdown()
-        kill_actors(nations)
-    finally:
-        ray.shutdown()
     return 0
 
 
