@@ -47,3 +47,17 @@ def test_connect_proto_and_gzip(kas_cluster):
     assert key.kid.startswith("usa-ec256") and "BEGIN PUBLIC KEY" in key.public_key
     bad = httpx.post(url, content=b"\xff\xff\xff", headers={"Content-Type": "application/proto"})
     assert bad.status_code == 400 and bad.json()["code"] == "invalid_argument"
+
+
+def test_shared_cache_counts_hits(kas_cluster):
+    key = KasClient(HttpTransport()).public_key(kas_cluster.url("GBR"), "rsa:4096")
+    tdf = io.BytesIO()
+    encrypt(io.BytesIO(b"cached"), tdf, splits=[[key]], policy=_policy("GBR"))
+    token = DevIdentityProvider(kas_cluster.state_dir, "GBR").mint("carol", "SECRET")
+    before = httpx.get(f"{kas_cluster.url('GBR')}/stats").json()
+    for _ in range(3):
+        decrypt(io.BytesIO(tdf.getvalue()), io.BytesIO(), KasClient(HttpTransport(), token))
+    after = httpx.get(f"{kas_cluster.url('GBR')}/stats").json()
+    replica_hits = after["replica_cache"]["hits"] - before["replica_cache"]["hits"]
+    assert replica_hits == 2  # first rewrap unwraps through the HSM actor, the next two hit
+    assert after["shared_cache"]["entries"] >= 1

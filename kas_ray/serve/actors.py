@@ -112,12 +112,17 @@ def kill_actors(nations: list[str]) -> None:
 class ActorKeyBackend(KeyBackend):
     """A :class:`KeyBackend` whose private-key operations run in the nation's HSM actor.
 
-    Key metadata (public facts only) is cached in the replica; every call has a deadline and an
-    actor failure becomes :class:`KeyBackendUnavailable` (503), never a hang or a 500.
+    Public key facts are cached twice: briefly in the replica, and for an hour in the nation's cache
+    actor (shared by replicas; cheap for KMS backends whose GetPublicKey is a network call). Every
+    call has a deadline and an actor failure becomes :class:`KeyBackendUnavailable` (503), never a
+    hang or a 500.
     """
 
-    def __init__(self, hsm: Any, *, timeout: float = 10.0, info_ttl: float = 30.0) -> None:
+    def __init__(self, hsm: Any, nation: str, *, cache: Any = None, timeout: float = 10.0,
+                 info_ttl: float = 30.0) -> None:
         self._hsm = hsm
+        self._cache = cache
+        self._cache_key = public_keys_cache_key(nation)
         self._timeout = timeout
         self._info_ttl = info_ttl
         self._infos: list[KeyInfo] | None = None
@@ -134,8 +139,12 @@ class ActorKeyBackend(KeyBackend):
     async def keys(self) -> list[KeyInfo]:
         now = asyncio.get_running_loop().time()
         if self._infos is None or now - self._infos_at > self._info_ttl:
-            self._infos = await self._call("keys")
-            self._infos_at = now
+            infos = await _best_effort(self._cache.get.remote(self._cache_key)) if self._cache else None
+            if not isinstance(infos, list):
+                infos = await self._call("keys")
+                if self._cache is not None:
+                    await _best_effort(self._cache.put.remote(self._cache_key, infos, CacheKind.PUBLIC_KEY))
+            self._infos, self._infos_at = infos, now
         return list(self._infos)
 
     def invalidate(self) -> None:
@@ -146,6 +155,18 @@ class ActorKeyBackend(KeyBackend):
 
     async def health(self) -> Health:
         return await self._call("health")
+
+
+def public_keys_cache_key(nation: str) -> str:
+    return f"{CacheKind.PUBLIC_KEY.value}:{nation.lower()}"
+
+
+async def _best_effort(ref: Any, timeout: float = 1.0) -> Any:
+    """Await a cache-actor call; a slow or dead cache is a miss, never an error."""
+    try:
+        return await asyncio.wait_for(ref, timeout)
+    except (TimeoutError, *_ACTOR_FAILURES):
+        return None
 
 
 class TieredShareCache(ShareCache):
@@ -166,20 +187,18 @@ class TieredShareCache(ShareCache):
         value = self.local.get(key)
         if value is not None:
             return value
-        try:
-            value = await asyncio.wait_for(self._actor.get.remote(key), self._timeout)
-        except (TimeoutError, *_ACTOR_FAILURES):
-            return None
+        value = await _best_effort(self._actor.get.remote(key), self._timeout)
         if value is not None:
             self.local.put(key, value, CacheKind.SHARE, ttl=self._local_ttl)
         return value
 
     async def aput(self, key: str, value: object, kind: CacheKind) -> None:
         self.local.put(key, value, kind, ttl=self._local_ttl)
-        try:
-            await asyncio.wait_for(self._actor.put.remote(key, value, kind), self._timeout)
-        except (TimeoutError, *_ACTOR_FAILURES):
-            pass
+        await _best_effort(self._actor.put.remote(key, value, kind), self._timeout)
 
     def snapshot(self) -> CacheStats:
         return self.local.snapshot()
+
+    async def shared_stats(self) -> CacheStats | None:
+        stats = await _best_effort(self._actor.stats.remote(), self._timeout)
+        return stats if isinstance(stats, CacheStats) else None

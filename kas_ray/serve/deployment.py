@@ -13,11 +13,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from ray import serve
 
 from kas_ray.audit import JsonLinesAuditSink
+from kas_ray.cache import CacheStats
 from kas_ray.config import AbacConfig, NationSettings, TrustRegistry, load_yaml
 from kas_ray.errors import ConfigError, FormatError, KasRayError
 from kas_ray.kas.service import RewrapCall, RewrapService
@@ -52,7 +53,7 @@ def build_service(settings: NationSettings) -> RewrapService:
     abac = load_yaml(settings.abac_config, AbacConfig) if settings.abac_config else AbacConfig()
     return RewrapService(
         settings.nation,
-        keys=ActorKeyBackend(hsm, timeout=settings.hsm_timeout_seconds),
+        keys=ActorKeyBackend(hsm, settings.nation, cache=cache, timeout=settings.hsm_timeout_seconds),
         trust=load_trust(settings),
         policy=PolicyEngine(abac),
         replay=MemoryReplayStore(),
@@ -61,6 +62,10 @@ def build_service(settings: NationSettings) -> RewrapService:
         public_urls=[settings.public_url],
         limits=settings.limits,
     )
+
+
+def _stats(stats: CacheStats) -> dict[str, Any]:
+    return {**stats.model_dump(), "hit_rate": round(stats.hit_rate, 4)}
 
 
 async def handle_envelope(handler: Callable[..., Awaitable[Any]], *args: Any) -> dict[str, Any]:
@@ -119,6 +124,13 @@ class NationKAS:
     @app.get("/readyz", summary="Readiness: keys loaded, HSM actor answering, trust loaded")
     async def readyz(self) -> Response:
         return await self.api.readyz()
+
+    @app.get("/stats", summary="Cache counters: this replica's cache and the nation's shared cache actor")
+    async def stats(self) -> Response:
+        cache = self.service.cache
+        shared = await cache.shared_stats() if isinstance(cache, TieredShareCache) else None
+        return JSONResponse({"nation": self.settings.nation, "replica_cache": _stats(cache.snapshot()),
+                             "shared_cache": _stats(shared) if shared else None})
 
     # Python clients (deployment handles) call these directly: same checks, no HTTP. Errors come back
     # as {"error": {"code", "message"}} envelopes rather than exceptions pickled across processes.
