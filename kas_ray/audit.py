@@ -20,6 +20,10 @@ class AuditAction(StrEnum):
     KEY_DENIED = "KEY_DENIED"
     KEY_ERROR = "KEY_ERROR"
     REQUEST_REJECTED = "REQUEST_REJECTED"
+    FORWARD_RESULT = "FORWARD_RESULT"
+    FORWARD_FAILED = "FORWARD_FAILED"
+    FORWARD_CANCELLED = "FORWARD_CANCELLED"
+    BREAKER_TRANSITION = "BREAKER_TRANSITION"
 
 
 class AuditEvent(BaseModel):
@@ -31,6 +35,8 @@ class AuditEvent(BaseModel):
     issuer: str | None = None
     kid: str | None = None
     kao_id: str | None = None
+    #: The peer nation of a federation event.
+    peer: str | None = None
     policy_uuid: str | None = None
     policy_digest: str | None = None
     decision: str

@@ -29,7 +29,7 @@ from kas_ray.errors import (
     TokenError,
 )
 from kas_ray.hazmat import primitives as P
-from kas_ray.kas.models import OPENTDF_FORBIDDEN, PublicKeyResponse, RewrapResponse
+from kas_ray.kas.models import OPENTDF_FORBIDDEN, KaoResult, PublicKeyResponse, RewrapResponse
 from kas_ray.trust import make_dpop_proof, sign_request
 from kas_ray.ztdf._wire import b64decode_strict
 from kas_ray.ztdf.keyaccess import KasKey, KeyAlgorithm
@@ -203,15 +203,22 @@ class KasClient:
 
     def rewrap(self, kao: KeyAccessObject, policy_b64: str) -> bytes:
         """Ask the KAO's KAS to release its share to this client; returns the share."""
+        outcome = self._rewrap_many(kas_base_url(kao.url), [kao], policy_b64)[0]
+        if isinstance(outcome, KasRayError):
+            raise outcome
+        return outcome
+
+    def _rewrap_many(self, base: str, kaos: list[KeyAccessObject], policy_b64: str) -> list[bytes | KasRayError]:
+        """One rewrap request to ``base`` for ``kaos``; the share or the error for each, in order."""
         if not self.token:
             raise TokenError("an access token is needed to rewrap")
-        base = kas_base_url(kao.url)
         body = {
             "clientPublicKey": P.public_key_pem(self._client_key.public_key()),
             "requests": [{
                 "policy": {"id": "policy", "body": policy_b64},
-                "algorithm": "ec:secp256r1" if kao.type == "ec-wrapped" else "rsa:2048",
-                "keyAccessObjects": [{"keyAccessObjectId": "kao-0", "keyAccessObject": kao.to_wire()}],
+                "algorithm": "ec:secp256r1" if kaos[0].type == "ec-wrapped" else "rsa:2048",
+                "keyAccessObjects": [{"keyAccessObjectId": f"kao-{i}", "keyAccessObject": kao.to_wire()}
+                                     for i, kao in enumerate(kaos)],
             }],
         }
         headers = {"Authorization": f"Bearer {self.token}"}
@@ -219,30 +226,47 @@ class KasClient:
         if self._dpop_key is not None:
             headers["DPoP"] = make_dpop_proof(self._dpop_key, "POST", base + REWRAP_PATH, access_token=self.token)
         response = self.transport.rewrap(base, headers, {"signedRequestToken": sign_request(body, signing_key)})
-        return self._share_from(response, base)
-
-    def _share_from(self, response: RewrapResponse, base: str) -> bytes:
         results = [r for policy in response.responses for r in policy.results]
-        if len(results) != 1:
-            raise RewrapError(f"KAS {base} returned {len(results)} results for one key access object")
-        result = results[0]
+        by_id = {r.key_access_object_id: r for r in results}
+        if len(by_id) != len(results) or set(by_id) - {f"kao-{i}" for i in range(len(kaos))}:
+            raise RewrapError(f"KAS {base} answered with duplicate or unknown key access object ids")
+        return [self._share_from(response, by_id.get(f"kao-{i}"), base) for i in range(len(kaos))]
+
+    def _share_from(self, response: RewrapResponse, result: KaoResult | None, base: str) -> bytes | KasRayError:
+        if result is None:
+            return RewrapError(f"KAS {base} returned no result for a key access object")
         if result.status != "permit" or not result.kas_wrapped_key:
             error = AccessDenied if result.error == OPENTDF_FORBIDDEN else RewrapError
-            raise error(f"KAS {base} refused: {result.error or 'no reason given'}")
+            return error(f"KAS {base} refused: {result.error or 'no reason given'}")
         try:
             wrapped = b64decode_strict(result.kas_wrapped_key)
             if isinstance(self._client_key, rsa.RSAPrivateKey):
                 return P.rsa_oaep_decrypt(self._client_key, wrapped, "sha1")
-            if not response.session_public_key:
-                raise KeyUnwrapError(f"KAS {base} sent no sessionPublicKey for an EC client key")
-            session = P.load_public_key_pem(response.session_public_key)
+            # A brokered answer carries each peer's EC session key with its results.
+            session_pem = result.metadata.get("sessionPublicKey") or response.session_public_key
+            if not session_pem:
+                return KeyUnwrapError(f"KAS {base} sent no sessionPublicKey for an EC client key")
+            session = P.load_public_key_pem(session_pem)
             if not isinstance(session, ec.EllipticCurvePublicKey):
-                raise KeyUnwrapError(f"KAS {base} sent a sessionPublicKey that is not EC")
+                return KeyUnwrapError(f"KAS {base} sent a sessionPublicKey that is not EC")
             return P.ec_unwrap(self._client_key, session, wrapped)
-        except KasRayError:
-            raise
         except (ValueError, binascii.Error, InvalidTag):
-            raise KeyUnwrapError(f"the key released by {base} could not be decrypted") from None
+            return KeyUnwrapError(f"the key released by {base} could not be decrypted")
 
 
-__all__ = ["HandleTransport", "HttpTransport", "KasClient", "LocalTransport", "Transport"]
+class HomeKasClient(KasClient):
+    """Sends every KAO of an object to the user's home KAS, which brokers foreign KAOs to its peers.
+
+    One request per object whatever the number of nations; peers rewrap straight to this client's key,
+    so the home KAS never sees their shares.
+    """
+
+    def __init__(self, transport: Transport, token: str | None, home: str, **options: Any) -> None:
+        super().__init__(transport, token, **options)
+        self.home = kas_base_url(home)
+
+    def unwrap_batch(self, kaos: list[KeyAccessObject], policy_b64: str) -> list[bytes | KasRayError]:
+        return self._rewrap_many(self.home, kaos, policy_b64)
+
+
+__all__ = ["HandleTransport", "HomeKasClient", "HttpTransport", "KasClient", "LocalTransport", "Transport"]

@@ -245,6 +245,88 @@ class KeyBackendConfig(_Model):
     kind: Literal["software"] = "software"
 
 
+# --- federation -------------------------------------------------------------------------------------
+class BreakerConfig(_Model):
+    """Circuit breaker per peer: N failures in a window open it; M successes after a cool-down close it."""
+
+    failure_threshold: int = Field(default=3, ge=1)
+    window_seconds: float = Field(default=30.0, gt=0)
+    cool_down_seconds: float = Field(default=10.0, ge=0)
+    success_threshold: int = Field(default=2, ge=1)
+    half_open_max_calls: int = Field(default=1, ge=1)
+
+
+class TlsIdentity(_Model):
+    """A TLS identity and the CA that authenticates the other side (mutual TLS between clusters)."""
+
+    cert_file: str
+    key_file: str
+    ca_file: str
+
+
+class AgreementConfig(_Model):
+    """What a nation agreed to serve for requests brokered by one peer (checked by the serving KAS)."""
+
+    #: Nationalities of subjects that may be served; None = any.
+    nations: list[str] | None = None
+    #: Highest classification (NATO level) released through this peer; None = no cap.
+    max_classification: str | None = None
+    #: Communities of interest an object may require; None = any.
+    cois: list[str] | None = None
+
+
+class PeerConfig(_Model):
+    """One peer nation in the KAS registry."""
+
+    nation: str
+    #: The peer's KAS URL (``http(s)://host:port/{nation}``): KAOs naming it are routed to it.
+    url: str
+    transport: Literal["handle", "https"] = "handle"
+    #: Serve application of the peer (in-cluster transport); default: the nation in lower case.
+    app_name: str | None = None
+    #: The peer's federation gateway (HTTPS transport), e.g. ``https://127.0.0.1:9443``.
+    gateway_url: str | None = None
+    #: The peer's federation signing key (public JWK); or a file holding it (JSON JWK).
+    signing_jwk: dict[str, str] | None = None
+    signing_jwk_file: str | None = None
+    agreement: AgreementConfig = Field(default_factory=AgreementConfig)
+
+    @field_validator("nation")
+    @classmethod
+    def _upper(cls, nation: str) -> str:
+        return nation.upper()
+
+    @model_validator(mode="after")
+    def _complete(self) -> PeerConfig:
+        if self.transport == "https" and not self.gateway_url:
+            raise ValueError(f"peer {self.nation}: the https transport needs gateway_url")
+        if self.signing_jwk is None and self.signing_jwk_file is None:
+            raise ValueError(f"peer {self.nation}: give signing_jwk or signing_jwk_file")
+        return self
+
+
+class FederationConfig(_Model):
+    """The KAS registry of one nation and how it brokers to peers."""
+
+    peers: list[PeerConfig] = Field(default_factory=list)
+    #: This nation's federation signing key (PKCS#8 PEM); default ``<state_dir>/federation/<nation>.key.pem``.
+    signing_key_file: str | None = None
+    #: Our client identity toward HTTPS peers, and the gateway's server identity.
+    tls: TlsIdentity | None = None
+    #: Where this nation's federation gateway listens (HTTPS with mutual TLS); None = no gateway.
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int | None = None
+    mode: Literal["parallel", "sequential"] = "parallel"
+    hop_limit: int = Field(default=3, ge=1, le=10)
+    forward_ttl_seconds: float = Field(default=30.0, gt=0, le=300)
+    peer_timeout_seconds: float = Field(default=5.0, gt=0)
+    #: Overall budget of a brokered rewrap; propagated to peers in the signed envelope.
+    deadline_seconds: float = Field(default=10.0, gt=0)
+    breaker: BreakerConfig = Field(default_factory=BreakerConfig)
+    #: Testing and benchmarks only: delay this KAS adds before answering a forward.
+    debug_delay_seconds: float = Field(default=0.0, ge=0, le=60)
+
+
 class NationSettings(_Model):
     """One nation's KAS deployment: everything its replicas and actors are built from."""
 
@@ -265,6 +347,8 @@ class NationSettings(_Model):
     hsm_timeout_seconds: float = Field(default=10.0, gt=0)
     #: Ray custom resources the HSM actor requires (pins it to this nation's nodes).
     hsm_resources: dict[str, float] = Field(default_factory=dict)
+    #: KAS registry and brokering; None = the other ``coalition`` nations in this cluster (dev profile).
+    federation: FederationConfig | None = None
 
     @field_validator("nation")
     @classmethod

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from kas_ray.audit import AuditAction, AuditEvent, MemoryAuditSink
 from kas_ray.cache import share_cache_key
-from kas_ray.client import REWRAP_PATH, KasClient, LocalTransport
+from kas_ray.client import REWRAP_PATH, KasClient, LocalTransport, Transport
 from kas_ray.config import AbacConfig
 from kas_ray.errors import (
     AccessDenied,
@@ -41,7 +41,7 @@ from kas_ray.errors import (
 )
 from kas_ray.hazmat import primitives as P
 from kas_ray.kas.local import build_local_services, nation_url
-from kas_ray.kas.models import OPENTDF_BAD_REQUEST, OPENTDF_FORBIDDEN, RewrapResponse
+from kas_ray.kas.models import OPENTDF_BAD_REQUEST, OPENTDF_FORBIDDEN, PublicKeyResponse, RewrapResponse
 from kas_ray.kas.service import RewrapCall, RewrapService
 from kas_ray.keys.software import PASSPHRASE_ENV, PASSPHRASE_FILE_ENV
 from kas_ray.policy import attribute_fqn
@@ -797,7 +797,15 @@ def test_binding_checked_by_client_too(co: Coalition) -> None:
     _, result, requester = one(co, "GBR", co.token("GBR", "carol", "SECRET"), pol, kao)
     released = requester.share(requester.last, result.kas_wrapped_key)
     verify_binding(released, pol.to_base64(), kao.policy_binding)
+    twice = requester.last.responses[0].model_copy(update={"results": [result, result]})
+    duplicated = RewrapResponse(responses=[twice])
+
+    class Duplicating(Transport):  # a misbehaving KAS: two results for one KAO
+        def public_key(self, base_url: str, algorithm: str) -> PublicKeyResponse:
+            raise AssertionError("not used")
+
+        def rewrap(self, base_url: str, headers: dict[str, str], body: dict[str, Any]) -> RewrapResponse:
+            return duplicated
+
     with pytest.raises(RewrapError):  # a response with two results for one KAO is refused
-        KasClient(co.transport, "t")._share_from(
-            RewrapResponse(responses=[requester.last.responses[0].model_copy(
-                update={"results": [result, result]})]), "x")
+        KasClient(Duplicating(), "t").rewrap(kao, pol.to_base64())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -69,7 +69,9 @@ class KaoResult(WireModel):
     status: Literal["permit", "fail"]
     kas_wrapped_key: str | None = None
     error: str | None = None
-    metadata: dict[str, str] = Field(default_factory=dict)
+    #: Free-form per-result metadata (the platform sends obligations here; brokered EC results their
+    #: ``sessionPublicKey``).
+    metadata: dict[str, Any] = Field(default_factory=dict)
 
 
 class PolicyResult(WireModel):

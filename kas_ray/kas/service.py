@@ -17,7 +17,8 @@ import hashlib
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -25,14 +26,17 @@ from pydantic import BaseModel, Field, ValidationError
 
 from kas_ray.audit import AuditAction, AuditEvent, AuditSink, MemoryAuditSink
 from kas_ray.cache import CacheKind, MemoryCache, ShareCache, share_cache_key
-from kas_ray.config import RewrapLimits, TrustRegistry
+from kas_ray.config import AgreementConfig, RewrapLimits, TrustRegistry
 from kas_ray.errors import (
     AccessDenied,
     DPoPError,
     FormatError,
     KasRayError,
     SignedRequestError,
+    TokenError,
 )
+from kas_ray.federation.agreement import apply_agreement
+from kas_ray.federation.envelope import ForwardError
 from kas_ray.hazmat import primitives as P
 from kas_ray.kas.models import (
     OPENTDF_BAD_REQUEST,
@@ -58,6 +62,9 @@ from kas_ray.trust import (
 from kas_ray.ztdf.keyaccess import decode_wrapped_key
 from kas_ray.ztdf.manifest import KeyAccessObject
 from kas_ray.ztdf.policy import Policy, verify_binding
+
+if TYPE_CHECKING:
+    from kas_ray.federation.broker import Federation
 
 
 class RewrapCall(BaseModel):
@@ -102,6 +109,40 @@ class _Session:
         return base64.b64encode(P.rsa_oaep_encrypt(self.client_key, share, "sha1")).decode()
 
 
+class KasUnavailable(KasRayError):
+    """A KAS needed for a key access object did not answer in time."""
+
+    code = "kas_unavailable"
+    http_status = 503
+
+
+@dataclass
+class _Request:
+    """What one authenticated rewrap carries through the per-policy and per-KAO steps."""
+
+    call: RewrapCall
+    token: str
+    verified: VerifiedToken
+    subject: Subject
+    session: _Session
+    client_public_key: str
+    dpop_jkt: str | None
+    deadline: float
+    #: Set when the request was forwarded by a peer: its agreement caps apply, nothing is forwarded again.
+    agreement: AgreementConfig | None = None
+
+
+@dataclass
+class _PolicyWork:
+    policy_b64: str
+    policy: Policy | None
+    decision: Decision | None
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.policy_b64.encode()).hexdigest()
+
+
 class RewrapService:
     """One nation's KAS: token trust, ABAC, and key release through a :class:`KeyBackend`."""
 
@@ -118,6 +159,7 @@ class RewrapService:
         public_urls: list[str] | None = None,
         limits: RewrapLimits | None = None,
         verifier: TokenVerifier | None = None,
+        federation: Federation | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.nation = nation.upper()
@@ -132,6 +174,9 @@ class RewrapService:
         self._public_urls = {kas_base_url(u) for u in public_urls or []}
         #: The canonical URL of this KAS: DPoP proofs must name it (``htu``), whatever Host header came in.
         self.public_url = kas_base_url(public_urls[0]) if public_urls else None
+        self.federation = federation
+        if federation is not None:
+            federation.listener = self._on_federation_event
         self._clock = clock
 
     # --- routing -------------------------------------------------------------------------------------
@@ -204,14 +249,11 @@ class RewrapService:
         except KasRayError as exc:
             self._audit_rejection(call, exc)
             raise
-        subject = Subject(
-            subject=verified.subject, issuer=verified.issuer, clearance=verified.clearance,
-            clearance_system=verified.clearance_system, nationality=verified.nationality,
-            coi=verified.coi, issuer_nations=verified.issuer_nations,
-        )
-        responses = await asyncio.gather(
-            *(self._policy(call, verified, subject, session, req) for req in request.policy_requests())
-        )
+        deadline = self._clock() + (self.federation.config.deadline_seconds if self.federation else 30.0)
+        ctx = _Request(call=call, token=parse_authorization(call.authorization)[1], verified=verified,
+                       subject=_subject(verified), session=session, client_public_key=request.client_public_key,
+                       dpop_jkt=proof.jkt if proof else None, deadline=deadline)
+        responses = await asyncio.gather(*(self._policy(ctx, req) for req in request.policy_requests()))
         response = RewrapResponse(session_public_key=session.session_public_pem, responses=list(responses))
         if request.is_v1:
             # v1 (one keyAccess) answers with a status, as the platform does: 400/403 carry no key.
@@ -221,23 +263,156 @@ class RewrapService:
             response.entity_wrapped_key = first.kas_wrapped_key
         return response
 
-    # --- per policy / per KAO ----------------------------------------------------------------------------
-    async def _policy(
-        self, call: RewrapCall, verified: VerifiedToken, subject: Subject, session: _Session, req: PolicyRequest
-    ) -> PolicyResult:
+    # --- per policy: local work and brokered work --------------------------------------------------------
+    async def _policy(self, ctx: _Request, req: PolicyRequest) -> PolicyResult:
         policy_b64 = req.policy.body
         try:
             policy: Policy | None = Policy.from_base64(policy_b64)
         except KasRayError:
             policy = None
-        decision = (
-            self.policy.decide(subject, policy.attributes, policy.body.dissem) if policy is not None else None
-        )
-        results = await asyncio.gather(
-            *(self._kao(call, verified, session, policy_b64, policy, decision, k) for k in req.key_access_objects)
-        )
-        return PolicyResult(policy_id=req.policy.id, results=list(results))
+        decision = self.policy.decide(ctx.subject, policy.attributes, policy.body.dissem) if policy else None
+        if decision is not None and policy is not None and ctx.agreement is not None:
+            decision = apply_agreement(self.policy, decision, ctx.agreement, ctx.subject, policy.attributes,
+                                       ctx.call.hops[-1] if ctx.call.hops else "?")
+        work = _PolicyWork(policy_b64, policy, decision)
+        local: list[KaoRequest] = []
+        groups: dict[str, list[KaoRequest]] = {}
+        results: dict[str, KaoResult] = {}
+        for item in req.key_access_objects:
+            url = item.key_access_object.url
+            peer = None if ctx.agreement is not None or self.federation is None else self.federation.route(url)
+            if self.is_local(url):
+                local.append(item)
+            elif peer is not None:
+                groups.setdefault(peer.nation, []).append(item)
+            else:
+                results[item.key_access_object_id] = self._no_route(ctx, work, item)
+        if groups:
+            results.update(await self._broker(ctx, req, work, local, groups))
+        else:
+            for result in await asyncio.gather(*(self._kao(ctx, work, item) for item in local)):
+                results[result.key_access_object_id] = result
+        return PolicyResult(policy_id=req.policy.id,
+                            results=[results[item.key_access_object_id] for item in req.key_access_objects])
 
+    async def _broker(self, ctx: _Request, req: PolicyRequest, work: _PolicyWork, local: list[KaoRequest],
+                      groups: dict[str, list[KaoRequest]]) -> dict[str, KaoResult]:
+        """Local KAOs and one forward per peer, in parallel: the first permit per split wins.
+
+        A forward whose splits are all released elsewhere is cancelled at the peer; whatever has not
+        answered by the deadline fails with a per-KAO error. Sequential mode (benchmarks only) runs
+        the local work, then each peer in turn, and stops asking once every split is released.
+        """
+        assert self.federation is not None
+        split = {item.key_access_object_id: item.key_access_object.split_id for item in req.key_access_objects}
+        results: dict[str, KaoResult] = {}
+        released: set[str] = set()
+
+        def absorb(batch: list[KaoResult]) -> None:
+            for result in batch:
+                results[result.key_access_object_id] = result
+                if result.status == "permit":
+                    released.add(split[result.key_access_object_id])
+
+        def needed(items: list[KaoRequest]) -> bool:
+            return not {split[i.key_access_object_id] for i in items} <= released
+
+        if self.federation.config.mode == "sequential":
+            absorb(list(await asyncio.gather(*(self._kao(ctx, work, item) for item in local))))
+            for nation, items in groups.items():
+                absorb(await self._forward(ctx, req, work, nation, items) if needed(items)
+                       else self._unneeded(ctx, work, nation, items))
+            return results
+
+        pending: dict[asyncio.Task[list[KaoResult]], tuple[str, list[KaoRequest]]] = {}
+        for item in local:
+            pending[asyncio.ensure_future(self._kao_batch(ctx, work, item))] = (self.nation, [item])
+        for nation, items in groups.items():
+            pending[asyncio.ensure_future(self._forward(ctx, req, work, nation, items))] = (nation, items)
+        try:
+            while pending:
+                timeout = ctx.deadline - self._clock()
+                done = (await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED))[0] \
+                    if timeout > 0 else set()
+                if not done:
+                    break
+                for task in done:
+                    pending.pop(task)
+                    absorb(task.result())
+                for task, (nation, items) in list(pending.items()):
+                    if nation != self.nation and not needed(items):
+                        task.cancel()  # the transport cancels the call at the peer
+                        pending.pop(task)
+                        absorb(self._unneeded(ctx, work, nation, items))
+        finally:
+            for task, (nation, items) in pending.items():  # deadline passed (or we were cancelled)
+                task.cancel()
+                absorb([self._fail(ctx, work, item, KasUnavailable(f"{nation}: deadline exceeded"))
+                        for item in items])
+        return results
+
+    async def _kao_batch(self, ctx: _Request, work: _PolicyWork, item: KaoRequest) -> list[KaoResult]:
+        return [await self._kao(ctx, work, item)]
+
+    async def _forward(self, ctx: _Request, req: PolicyRequest, work: _PolicyWork, nation: str,
+                       items: list[KaoRequest]) -> list[KaoResult]:
+        assert self.federation is not None
+        peer = self.federation.peers[nation]
+        body = {
+            "token": ctx.token,
+            "clientPublicKey": ctx.client_public_key,
+            "policy": req.policy.to_wire(),
+            "keyAccessObjects": [item.to_wire() for item in items],
+            "dpopJkt": ctx.dpop_jkt,
+            "requestId": ctx.call.request_id,
+        }
+        started = time.perf_counter()
+        try:
+            answer = await self.federation.forward(peer, body, hops=ctx.call.hops, deadline=ctx.deadline)
+        except KasRayError as exc:
+            self._audit_federation(ctx, work, AuditAction.FORWARD_FAILED, nation, [exc.message], started, exc)
+            return [self._fail(ctx, work, item, exc, audit=False) for item in items]
+        by_id = {r.key_access_object_id: r for r in answer.results}
+        permits = sum(1 for r in answer.results if r.status == "permit")
+        self._audit_federation(ctx, work, AuditAction.FORWARD_RESULT, nation,
+                               [f"{permits} of {len(items)} key access objects released by {nation}"], started)
+        out: list[KaoResult] = []
+        for item in items:
+            result = by_id.get(item.key_access_object_id)
+            if result is None:
+                out.append(self._fail(ctx, work, item, KasUnavailable(f"{nation} gave no result"), audit=False))
+                continue
+            if result.status == "permit" and answer.session_public_key:
+                result.metadata["sessionPublicKey"] = answer.session_public_key
+            out.append(result)
+        return out
+
+    def _unneeded(self, ctx: _Request, work: _PolicyWork, nation: str, items: list[KaoRequest]) -> list[KaoResult]:
+        self._audit_federation(ctx, work, AuditAction.FORWARD_CANCELLED, nation,
+                               ["another KAS released these splits first"], time.perf_counter())
+        return [KaoResult(key_access_object_id=i.key_access_object_id, status="fail",
+                          error=f"not needed: another KAS released split {i.key_access_object.split_id or '0'}")
+                for i in items]
+
+    def _no_route(self, ctx: _Request, work: _PolicyWork, item: KaoRequest) -> KaoResult:
+        url = kas_base_url(item.key_access_object.url)
+        reason = (f"key access object is for {url}: forwarded requests are not forwarded again"
+                  if ctx.agreement is not None else f"no route to the KAS at {url}")
+        return self._fail(ctx, work, item, FormatError(reason))
+
+    def _fail(self, ctx: _Request, work: _PolicyWork, item: KaoRequest, exc: KasRayError, *,
+              audit: bool = True) -> KaoResult:
+        if audit:
+            self._audit_kao(ctx, item, None, work, exc, time.perf_counter())
+        if isinstance(exc, AccessDenied):
+            error = OPENTDF_FORBIDDEN
+        elif exc.http_status >= 500:  # HSM, peer or deadline: worth a retry, unlike a refusal
+            error = f"rpc error: code = Unavailable desc = {exc.message}"
+        else:
+            error = OPENTDF_BAD_REQUEST
+        return KaoResult(key_access_object_id=item.key_access_object_id, status="fail", error=error)
+
+    # --- per KAO (this nation's keys) ------------------------------------------------------------------------
     async def _unwrap(self, info: KeyInfo, kao: KeyAccessObject, wrapped: bytes) -> bytes:
         key = share_cache_key(self.nation, info.kid, info.version, wrapped, kao.ephemeral_public_key)
         cached = await self.cache.aget(key)
@@ -247,52 +422,81 @@ class RewrapService:
         await self.cache.aput(key, share, CacheKind.SHARE)
         return share
 
-    async def _kao(
-        self,
-        call: RewrapCall,
-        verified: VerifiedToken,
-        session: _Session,
-        policy_b64: str,
-        policy: Policy | None,
-        decision: Decision | None,
-        item: KaoRequest,
-    ) -> KaoResult:
+    async def _kao(self, ctx: _Request, work: _PolicyWork, item: KaoRequest) -> KaoResult:
         started = time.perf_counter()
         kao = item.key_access_object
         info: KeyInfo | None = None
         try:
-            if not self.is_local(kao.url):
-                raise FormatError(f"key access object is for {kas_base_url(kao.url)}, not this KAS ({self.nation})")
-            if policy is None or decision is None:
+            if work.policy is None or work.decision is None:
                 raise FormatError("policy is not base64 JSON of the policy schema")
             wrapped, _ = decode_wrapped_key(kao)
             info = await self.keys.key_info(kao.kid, "ec:secp256r1" if kao.type == "ec-wrapped" else "rsa:2048")
             share = await self._unwrap(info, kao, wrapped)
-            verify_binding(share, policy_b64, kao.policy_binding)
-            if not decision.allowed:
-                raise AccessDenied("; ".join(decision.reasons) or "access denied")
+            verify_binding(share, work.policy_b64, kao.policy_binding)
+            if not work.decision.allowed:
+                raise AccessDenied("; ".join(work.decision.reasons) or "access denied")
             result = KaoResult(key_access_object_id=item.key_access_object_id, status="permit",
-                               kas_wrapped_key=session.wrap(share))
-            self._audit_kao(call, verified, item, info, policy_b64, policy, decision, None, started)
+                               kas_wrapped_key=ctx.session.wrap(share))
+            self._audit_kao(ctx, item, info, work, None, started)
             return result
         except KasRayError as exc:
-            self._audit_kao(call, verified, item, info, policy_b64, policy, decision, exc, started)
-            error = OPENTDF_FORBIDDEN if isinstance(exc, AccessDenied) else OPENTDF_BAD_REQUEST
-            return KaoResult(key_access_object_id=item.key_access_object_id, status="fail", error=error)
+            self._audit_kao(ctx, item, info, work, exc, started)
+            return self._fail(ctx, work, item, exc, audit=False)
+
+    # --- federation: the serving side ------------------------------------------------------------------------
+    async def handle_forward(self, message: dict[str, Any], tls_peer: str | None = None) -> dict[str, Any]:
+        """Serve KAOs another nation forwarded: verify the envelope, re-verify the user's token
+        against our own trust registry, apply our ABAC and the agreement caps, sign the answer."""
+        if self.federation is None:
+            raise ForwardError("this KAS does not federate")
+        federation = self.federation
+        call = RewrapCall(url=self.public_url or "", body={}, request_id=uuid.uuid4().hex)
+        try:
+            claims, body = federation.verify_inbound(message, tls_peer)
+            request_id = str(body.get("requestId") or claims.jti)[:128]
+            call = call.model_copy(update={"hops": claims.hops, "request_id": request_id})
+            if federation.config.debug_delay_seconds:
+                await asyncio.sleep(federation.config.debug_delay_seconds)
+            token = body.get("token")
+            if not isinstance(token, str):
+                raise TokenError("forward carries no user token")
+            verified = await self.verifier.averify(token)
+            if verified.cnf_jkt and verified.cnf_jkt != body.get("dpopJkt"):
+                raise DPoPError("the user's token is DPoP-bound but the forwarder did not verify that key")
+            client_pem = body.get("clientPublicKey")
+            if not isinstance(client_pem, str):
+                raise FormatError("forward carries no clientPublicKey")
+            session = _Session(self.client_key(client_pem))
+            try:
+                req = PolicyRequest.model_validate({"policy": body.get("policy"),
+                                                    "keyAccessObjects": body.get("keyAccessObjects")})
+            except ValidationError:
+                raise FormatError("forward body does not match the rewrap schema") from None
+            if len(req.key_access_objects) > self.limits.max_key_access_objects:
+                raise FormatError("too many key access objects in the forward")
+        except asyncio.CancelledError:
+            federation.counters["forwards_cancelled"] += 1
+            raise
+        except KasRayError as exc:
+            self._audit_rejection(call, exc)
+            raise
+        ctx = _Request(call=call, token=token, verified=verified, subject=_subject(verified), session=session,
+                       client_public_key=client_pem, dpop_jkt=body.get("dpopJkt"),
+                       deadline=min(claims.deadline, self._clock() + federation.config.deadline_seconds),
+                       agreement=federation.agreement(claims.iss))
+        try:
+            result = await self._policy(ctx, req)
+        except asyncio.CancelledError:
+            federation.counters["forwards_cancelled"] += 1
+            raise
+        answer = {"sessionPublicKey": session.session_public_pem,
+                  "results": [r.to_wire() for r in result.results]}
+        return federation.sign_answer(claims, answer)
 
     # --- audit ------------------------------------------------------------------------------------------
-    def _audit_kao(
-        self,
-        call: RewrapCall,
-        verified: VerifiedToken,
-        item: KaoRequest,
-        info: KeyInfo | None,
-        policy_b64: str,
-        policy: Policy | None,
-        decision: Decision | None,
-        error: KasRayError | None,
-        started: float,
-    ) -> None:
+    def _audit_kao(self, ctx: _Request, item: KaoRequest, info: KeyInfo | None, work: _PolicyWork,
+                   error: KasRayError | None, started: float) -> None:
+        decision = work.decision
         if error is None:
             reasons = [c.reason for c in decision.checks] if decision else []
             action, outcome = AuditAction.KEY_RELEASED, "permit"
@@ -301,16 +505,39 @@ class RewrapService:
         else:
             action, outcome, reasons = AuditAction.KEY_ERROR, "error", [error.message]
         self.audit.emit(AuditEvent(
-            action=action, request_id=call.request_id, nation=self.nation, subject=verified.subject,
-            issuer=verified.issuer, kid=info.kid if info else item.key_access_object.kid,
-            kao_id=item.key_access_object_id, policy_uuid=policy.uuid if policy else None,
-            policy_digest=hashlib.sha256(policy_b64.encode()).hexdigest(), decision=outcome, reasons=reasons,
+            action=action, request_id=ctx.call.request_id, nation=self.nation, subject=ctx.verified.subject,
+            issuer=ctx.verified.issuer, kid=info.kid if info else item.key_access_object.kid,
+            kao_id=item.key_access_object_id, policy_uuid=work.policy.uuid if work.policy else None,
+            policy_digest=work.digest, decision=outcome, reasons=reasons,
             error_code=error.code if error else None, latency_ms=round((time.perf_counter() - started) * 1e3, 3),
-            hops=call.hops,
+            hops=ctx.call.hops,
         ))
+
+    def _audit_federation(self, ctx: _Request, work: _PolicyWork, action: AuditAction, peer: str,
+                          reasons: list[str], started: float, error: KasRayError | None = None) -> None:
+        self.audit.emit(AuditEvent(
+            action=action, request_id=ctx.call.request_id, nation=self.nation, subject=ctx.verified.subject,
+            issuer=ctx.verified.issuer, peer=peer, policy_uuid=work.policy.uuid if work.policy else None,
+            policy_digest=work.digest, decision="error" if error else "routed", reasons=reasons,
+            error_code=error.code if error else None, latency_ms=round((time.perf_counter() - started) * 1e3, 3),
+            hops=ctx.call.hops,
+        ))
+
+    def _on_federation_event(self, kind: str, fields: dict[str, Any]) -> None:
+        if kind == "breaker":
+            self.audit.emit(AuditEvent(
+                action=AuditAction.BREAKER_TRANSITION, request_id=uuid.uuid4().hex, nation=self.nation,
+                peer=fields["peer"], decision=fields["to"], reasons=[f"breaker {fields['from']} -> {fields['to']}"],
+            ))
 
     def _audit_rejection(self, call: RewrapCall, error: KasRayError) -> None:
         self.audit.emit(AuditEvent(
             action=AuditAction.REQUEST_REJECTED, request_id=call.request_id, nation=self.nation,
             decision="reject", reasons=[error.message], error_code=error.code, hops=call.hops,
         ))
+
+
+def _subject(verified: VerifiedToken) -> Subject:
+    return Subject(subject=verified.subject, issuer=verified.issuer, clearance=verified.clearance,
+                   clearance_system=verified.clearance_system, nationality=verified.nationality,
+                   coi=verified.coi, issuer_nations=verified.issuer_nations)

@@ -19,13 +19,15 @@ from ray import serve
 
 from kas_ray.audit import JsonLinesAuditSink
 from kas_ray.cache import CacheStats
-from kas_ray.config import AbacConfig, NationSettings, TrustRegistry, load_yaml
+from kas_ray.config import AbacConfig, FederationConfig, NationSettings, PeerConfig, TrustRegistry, load_yaml
 from kas_ray.errors import ConfigError, FormatError, KasRayError
+from kas_ray.federation.broker import Federation
+from kas_ray.federation.envelope import FederationKey
 from kas_ray.kas.service import RewrapCall, RewrapService
 from kas_ray.policy import PolicyEngine
 from kas_ray.serve.actors import ActorKeyBackend, TieredShareCache, get_or_create_actors
 from kas_ray.serve.http import KasHttpApi
-from kas_ray.trust import MemoryReplayStore, dev_trust_registry
+from kas_ray.trust import MemoryReplayStore, ReplayStore, dev_trust_registry
 
 app = FastAPI(
     title="kas-ray nation KAS",
@@ -46,18 +48,45 @@ def load_trust(settings: NationSettings) -> TrustRegistry:
     return dev_trust_registry(settings.state_dir, settings.coalition)
 
 
+def federation_config(settings: NationSettings) -> FederationConfig | None:
+    """The nation's KAS registry: from its settings, or (dev profile) the other coalition nations here."""
+    if settings.federation is not None:
+        return settings.federation
+    if settings.profile != "dev":
+        return None
+    root = settings.public_url.rstrip("/").rsplit("/", 1)[0]
+    peers = []
+    for nation in settings.coalition:
+        if nation.upper() == settings.nation:
+            continue
+        # Dev only: every nation's federation key lives in the one shared state directory.
+        key = FederationKey(FederationKey.default_path(settings.state_dir, nation), nation)
+        peers.append(PeerConfig(nation=nation, url=f"{root}/{nation.lower()}", signing_jwk=key.public_jwk))
+    return FederationConfig(peers=peers)
+
+
+def build_federation(settings: NationSettings, replay: ReplayStore) -> Federation | None:
+    config = federation_config(settings)
+    if config is None:
+        return None
+    key_path = config.signing_key_file or FederationKey.default_path(settings.state_dir, settings.nation)
+    return Federation(settings.nation, config, FederationKey(key_path, settings.nation), replay=replay)
+
+
 def build_service(settings: NationSettings) -> RewrapService:
     """Everything a replica needs, wired to the nation's actors."""
     backend_spec = {"kind": settings.key_backend.kind, "state_dir": settings.state_dir, "profile": settings.profile}
     hsm, cache = get_or_create_actors(settings.nation, backend_spec, resources=settings.hsm_resources or None)
     abac = load_yaml(settings.abac_config, AbacConfig) if settings.abac_config else AbacConfig()
+    replay = MemoryReplayStore()
     return RewrapService(
         settings.nation,
         keys=ActorKeyBackend(hsm, settings.nation, cache=cache, timeout=settings.hsm_timeout_seconds),
         trust=load_trust(settings),
         policy=PolicyEngine(abac),
-        replay=MemoryReplayStore(),
+        replay=replay,
         audit=JsonLinesAuditSink(settings.audit_file()),
+        federation=build_federation(settings, replay),
         cache=TieredShareCache(cache),
         public_urls=[settings.public_url],
         limits=settings.limits,
@@ -125,6 +154,13 @@ class NationKAS:
     async def readyz(self) -> Response:
         return await self.api.readyz()
 
+    @app.get("/federation/status", summary="Peers, circuit breakers and federation counters")
+    async def federation_status(self) -> Response:
+        federation = self.service.federation
+        if federation is None:
+            return JSONResponse({"nation": self.settings.nation, "federation": "disabled"})
+        return JSONResponse(federation.status())
+
     @app.get("/stats", summary="Cache counters: this replica's cache and the nation's shared cache actor")
     async def stats(self) -> Response:
         cache = self.service.cache
@@ -139,6 +175,11 @@ class NationKAS:
 
     async def public_key(self, algorithm: str = "rsa:2048") -> dict[str, Any]:
         return await handle_envelope(self.api.public_key, algorithm)
+
+    async def forward(self, message: dict[str, Any]) -> dict[str, Any]:
+        """A peer's signed forward (in-cluster handle, or relayed by this nation's federation gateway)."""
+        tls_peer = message.pop("_tls_peer", None) if isinstance(message, dict) else None
+        return await handle_envelope(self.service.handle_forward, message, tls_peer)
 
     async def _rewrap(self, call: dict[str, Any]) -> dict[str, Any]:
         try:

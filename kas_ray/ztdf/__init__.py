@@ -7,12 +7,21 @@ Start with :func:`encrypt` and :func:`decrypt`; ``unwrap`` callables come from
 from kas_ray.ztdf.keyaccess import KasKey, PrivateKeyUnwrapper, wrap_share
 from kas_ray.ztdf.manifest import SCHEMA_VERSION, KeyAccessObject, Manifest
 from kas_ray.ztdf.policy import AttributeRef, Policy, PolicyBinding, PolicyBody, compute_binding, verify_binding
-from kas_ray.ztdf.tdf import DEFAULT_SEGMENT_SIZE, Unwrapper, decrypt, encrypt, read_manifest, unwrap_payload_key
+from kas_ray.ztdf.tdf import (
+    DEFAULT_SEGMENT_SIZE,
+    BatchUnwrapper,
+    Unwrapper,
+    decrypt,
+    encrypt,
+    read_manifest,
+    unwrap_payload_key,
+)
 
 __all__ = [
     "DEFAULT_SEGMENT_SIZE",
     "SCHEMA_VERSION",
     "AttributeRef",
+    "BatchUnwrapper",
     "KasKey",
     "KeyAccessObject",
     "Manifest",

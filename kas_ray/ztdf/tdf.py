@@ -14,7 +14,7 @@ import io
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
-from typing import BinaryIO
+from typing import BinaryIO, Protocol, runtime_checkable
 
 from cryptography.exceptions import InvalidTag
 
@@ -56,6 +56,16 @@ _ZIP_READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, UnicodeDecodeError
 
 #: ``unwrap(kao, policy_b64) -> share``: a KAS rewrap, or a local private key in tools and tests.
 Unwrapper = Callable[[KeyAccessObject, str], bytes]
+
+
+@runtime_checkable
+class BatchUnwrapper(Protocol):
+    """Unwraps every KAO of a manifest in one go (a home KAS brokering to its peers).
+
+    Returns, in KAO order, the share or the error for each KAO (a KAO not needed may carry an error).
+    """
+
+    def unwrap_batch(self, kaos: list[KeyAccessObject], policy_b64: str) -> list[bytes | KasRayError]: ...
 
 
 def _split_shares(splits: list[list[KasKey]]) -> tuple[bytes, list[bytes]]:
@@ -241,25 +251,33 @@ def _segment_mac(manifest: Manifest, payload_key: bytes, sealed: bytes) -> bytes
     return P.hmac_sha256(payload_key, sealed)
 
 
-def unwrap_payload_key(manifest: Manifest, unwrap: Unwrapper) -> bytes:
+def unwrap_payload_key(manifest: Manifest, unwrap: Unwrapper | BatchUnwrapper) -> bytes:
     """Obtain one share per split (trying alternatives in order) and XOR them into the payload key.
 
-    Every share's policy binding is checked here too, so a KAS that returned a share for another
-    policy is caught by the client as well.
+    A :class:`BatchUnwrapper` (a home KAS brokering every KAO at once) is asked once for all KAOs;
+    a plain unwrap callable once per KAO until each split has a share. Every share's policy binding
+    is checked here too, so a KAS that returned a share for another policy is caught by the client.
     """
     policy_b64 = manifest.encryption_information.policy
+    batch: dict[int, bytes | KasRayError] | None = None
+    if isinstance(unwrap, BatchUnwrapper):
+        kaos = manifest.encryption_information.key_access
+        batch = dict(enumerate(unwrap.unwrap_batch(kaos, policy_b64)))
+    index = {id(kao): i for i, kao in enumerate(manifest.encryption_information.key_access)}
     payload_key: bytes | None = None
     for split_id, alternatives in manifest.key_access_by_split().items():
         errors: list[KasRayError] = []
         share: bytes | None = None
         for kao in alternatives:
             try:
-                candidate = unwrap(kao, policy_b64)
-                verify_binding(candidate, policy_b64, kao.policy_binding)
+                outcome = batch[index[id(kao)]] if batch is not None else unwrap(kao, policy_b64)  # type: ignore[operator]
+                if isinstance(outcome, KasRayError):
+                    raise outcome
+                verify_binding(outcome, policy_b64, kao.policy_binding)
             except KasRayError as exc:
                 errors.append(exc)
                 continue
-            share = candidate  # only a share whose binding verified
+            share = outcome  # only a share whose binding verified
             break
         if share is None:
             if len(errors) == 1:
@@ -273,7 +291,7 @@ def unwrap_payload_key(manifest: Manifest, unwrap: Unwrapper) -> bytes:
     return payload_key
 
 
-def decrypt(src: BinaryIO, dst: BinaryIO, unwrap: Unwrapper) -> Manifest:
+def decrypt(src: BinaryIO, dst: BinaryIO, unwrap: Unwrapper | BatchUnwrapper) -> Manifest:
     """Decrypt a ZTDF from ``src`` to ``dst``; raise a specific :class:`TamperError` on any alteration."""
     with _open_zip(src) as zf:
         manifest = _read_manifest(zf)

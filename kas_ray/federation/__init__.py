@@ -1,0 +1,1 @@
+"""Federation: brokered rewrap across nation KAS."""

@@ -1,0 +1,108 @@
+"""How a home KAS reaches a peer: Serve deployment handles in-cluster, HTTPS with mutual TLS across clusters.
+
+Both transports carry the same signed forward message and return the peer's signed result; a
+cancelled call is stopped at the peer (``DeploymentResponse.cancel()``, or the HTTP request closed).
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from typing import Any
+
+import httpx
+
+from kas_ray.config import PeerConfig, TlsIdentity
+from kas_ray.errors import KasRayError, error_from_code
+from kas_ray.federation.breaker import PeerUnavailable
+
+
+class PeerTransport(abc.ABC):
+    @abc.abstractmethod
+    async def forward(self, peer: PeerConfig, message: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """Deliver a signed forward; return the peer's signed result message."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+
+def _unwrap_envelope(peer: PeerConfig, envelope: Any) -> dict[str, Any]:
+    if not isinstance(envelope, dict):
+        raise PeerUnavailable(f"peer {peer.nation} sent a malformed answer")
+    if "error" in envelope:
+        error = envelope["error"]
+        raise error_from_code(str(error.get("code")), f"peer {peer.nation}: {error.get('message')}")
+    result = envelope.get("ok")
+    if not isinstance(result, dict):
+        raise PeerUnavailable(f"peer {peer.nation} sent a malformed answer")
+    return result
+
+
+class HandlePeerTransport(PeerTransport):
+    """In-cluster: the peer nation's deployment ``forward`` method through a Serve handle."""
+
+    def __init__(self) -> None:
+        self._handles: dict[str, Any] = {}
+
+    async def _handle(self, peer: PeerConfig) -> Any:
+        name = peer.app_name or peer.nation.lower()
+        if name not in self._handles:
+            from ray import serve
+
+            try:  # may talk to the controller synchronously: keep it off the event loop
+                self._handles[name] = await asyncio.to_thread(serve.get_app_handle, name)
+            except Exception:  # noqa: BLE001 - Serve raises several types for a missing app
+                raise PeerUnavailable(f"peer {peer.nation} has no Serve application {name!r}") from None
+        return self._handles[name]
+
+    async def forward(self, peer: PeerConfig, message: dict[str, Any], timeout: float) -> dict[str, Any]:
+        handle = await self._handle(peer)
+        response = handle.forward.remote(message)
+        try:
+            envelope = await asyncio.wait_for(response, timeout)
+        except asyncio.CancelledError:
+            response.cancel()  # stop the call at the peer, not just our wait for it
+            raise
+        except TimeoutError:
+            response.cancel()
+            raise PeerUnavailable(f"peer {peer.nation} timed out after {timeout:.1f}s") from None
+        except KasRayError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - dead replica, actor errors
+            raise PeerUnavailable(f"peer {peer.nation} failed: {exc.__class__.__name__}") from None
+        return _unwrap_envelope(peer, envelope)
+
+
+class HttpsPeerTransport(PeerTransport):
+    """Across clusters: POST to the peer's federation gateway over HTTPS with mutual TLS."""
+
+    def __init__(self, identity: TlsIdentity | None) -> None:
+        if identity is None:
+            self._client = httpx.AsyncClient()
+        else:
+            from kas_ray.federation.tls import client_ssl_context
+
+            self._client = httpx.AsyncClient(verify=client_ssl_context(identity))
+
+    async def forward(self, peer: PeerConfig, message: dict[str, Any], timeout: float) -> dict[str, Any]:
+        assert peer.gateway_url is not None
+        url = f"{peer.gateway_url.rstrip('/')}/{peer.nation.lower()}/federation/forward"
+        try:
+            response = await self._client.post(url, json=message, timeout=timeout)
+        except httpx.TimeoutException:
+            raise PeerUnavailable(f"peer {peer.nation} timed out after {timeout:.1f}s") from None
+        except httpx.HTTPError as exc:
+            raise PeerUnavailable(f"peer {peer.nation} unreachable: {exc.__class__.__name__}") from None
+        if response.status_code >= 500:
+            raise PeerUnavailable(f"peer {peer.nation} answered {response.status_code}")
+        try:
+            envelope = response.json()
+        except ValueError:
+            raise PeerUnavailable(f"peer {peer.nation} sent a body that is not JSON") from None
+        if response.status_code != 200 and isinstance(envelope, dict) and "error" not in envelope:
+            envelope = {"error": {"code": envelope.get("error", "invalid_forward"),
+                                  "message": envelope.get("message", response.reason_phrase)}}
+        return _unwrap_envelope(peer, envelope)
+
+    async def close(self) -> None:
+        await self._client.aclose()
