@@ -229,10 +229,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # --- serve ------------------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
-    from kas_ray.serve.runner import serve_forever
+    from kas_ray.serve.runner import load_nation_overrides, serve_forever
 
     return serve_forever(args.state_dir, host=args.host, port=args.port, nations=args.nation or DEFAULT_NATIONS,
-                         profile=args.profile)
+                         profile=args.profile, per_nation=load_nation_overrides(args.nation_config))
 
 
 # --- parser -----------------------------------------------------------------------------------------
@@ -294,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--nation", action="append", help="nations (default USA, FRA, GBR)")
     p.add_argument("--profile", default=os.environ.get(PROFILE_ENV, "dev"), choices=["dev", "prod"])
+    p.add_argument("--nation-config", help="YAML mapping a nation to settings (federation registry, limits, ...)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="run the coalition scenario and print the allow/deny matrix")

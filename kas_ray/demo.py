@@ -13,13 +13,14 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TextIO
 
 from kas_ray.audit import AuditAction, AuditEvent, JsonLinesAuditSink
-from kas_ray.client import HttpTransport, KasClient, LocalTransport, Transport
+from kas_ray.client import HomeKasClient, HttpTransport, KasClient, LocalTransport, Transport
 from kas_ray.config import AbacConfig
 from kas_ray.errors import AccessDenied, KasRayError
 from kas_ray.kas.local import build_local_services, nation_url
@@ -113,7 +114,7 @@ def run_demo(state_dir: str | os.PathLike[str], nations: list[str] | None = None
         transport = LocalTransport(services)
         print(f"kas-ray demo: {len(services)} nation KAS in process ({', '.join(nations)})", file=out)
         try:
-            return _scenario(transport, base_url, state, nations, out, started)
+            return _scenario(transport, base_url, state, nations, out, started, brokered=False)
         finally:
             sink.close()
             transport.close()
@@ -124,7 +125,41 @@ def run_demo(state_dir: str | os.PathLike[str], nations: list[str] | None = None
           file=out, flush=True)
     with running_cluster(state, port=port, nations=nations) as urls:
         print(f"  ready after {time.perf_counter() - started:.1f}s: {', '.join(urls.values())}", file=out)
-        return _scenario(HttpTransport(), f"http://127.0.0.1:{port}", state, nations, out, started)
+
+        def stop(nation: str) -> None:
+            from ray import serve
+
+            serve.delete(nation.lower())
+
+        return _scenario(HttpTransport(), f"http://127.0.0.1:{port}", state, nations, out, started,
+                         brokered=True, stop_nation=stop)
+
+
+def _with_one_nation_stopped(transport: Transport, base_url: str, state_dir: Path, sealed: dict[str, bytes],
+                             stop_nation: Callable[[str], None], out: TextIO) -> list[str]:
+    """Stop GBR: the anyOf coalition document still opens for everyone (GBR's user through FRA);
+    the allOf FVEY document, which needs GBR's share, fails with a clear per-KAS error."""
+    stop_nation("GBR")
+    print("\nWith the GBR KAS stopped (anyOf needs one KAS, allOf needs every share):", file=out)
+    expected = {("alice", "coalition-plan"): True, ("bob", "coalition-plan"): True,
+                ("carol", "coalition-plan"): True, ("alice", "fvey-intel"): False}
+    users = {u.name: u for u in USERS}
+    mismatches = []
+    for (name, doc), allowed in expected.items():
+        user = users[name]
+        home_nation = "FRA" if user.nation == "GBR" else user.nation
+        token = DevIdentityProvider(state_dir, user.nation).mint(user.name, user.clearance, coi=list(user.coi))
+        client = HomeKasClient(transport, token, home=nation_url(base_url, home_nation))
+        try:
+            decrypt(io.BytesIO(sealed[doc]), io.BytesIO(), client)
+            got, detail = True, "ALLOW"
+        except KasRayError as exc:
+            got, detail = False, f"refused: {exc.message}"
+        via = f" (home {user.nation} is down: asked {home_nation})" if home_nation != user.nation else ""
+        print(f"  {name} x {doc}{via}: {detail}", file=out)
+        if got != allowed:
+            mismatches.append(f"{name} x {doc} with GBR stopped: got {detail}")
+    return mismatches
 
 
 def _free_port() -> int:
@@ -134,7 +169,7 @@ def _free_port() -> int:
 
 
 def _scenario(transport: Transport, base_url: str, state_dir: Path, nations: list[str], out: TextIO,
-              started: float) -> int:
+              started: float, *, brokered: bool, stop_nation: Callable[[str], None] | None = None) -> int:
     config = AbacConfig()
     audit = AuditTail(state_dir / "audit")
     documents = [d for d in DOCUMENTS if set(d.kas) <= set(nations)]
@@ -164,7 +199,9 @@ def _scenario(transport: Transport, base_url: str, state_dir: Path, nations: lis
     for user in users:
         idp = DevIdentityProvider(state_dir, user.nation)
         token = idp.mint(user.name, user.clearance, coi=list(user.coi), nationality=user.claims_nationality)
-        client = KasClient(transport, token)
+        home = nation_url(base_url, user.nation)
+        # Brokered: every KAO goes to the user's home KAS, which forwards the others to its peers.
+        client = HomeKasClient(transport, token, home=home) if brokered else KasClient(transport, token)
         cells = []
         for doc in documents:
             try:
@@ -187,6 +224,8 @@ def _scenario(transport: Transport, base_url: str, state_dir: Path, nations: lis
 
     print("\nWhy each denial (from the audit log):", file=out)
     print("\n".join(denials), file=out)
+    if stop_nation is not None and {"USA", "FRA", "GBR"} <= set(nations):
+        mismatches += _with_one_nation_stopped(transport, base_url, state_dir, sealed, stop_nation, out)
     print(f"\n{events} audit events in {state_dir / 'audit'}; took {time.perf_counter() - started:.1f}s", file=out)
     if mismatches:
         print("UNEXPECTED OUTCOMES: " + "; ".join(mismatches), file=out)

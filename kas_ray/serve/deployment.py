@@ -48,21 +48,27 @@ def load_trust(settings: NationSettings) -> TrustRegistry:
     return dev_trust_registry(settings.state_dir, settings.coalition)
 
 
-def federation_config(settings: NationSettings) -> FederationConfig | None:
-    """The nation's KAS registry: from its settings, or (dev profile) the other coalition nations here."""
-    if settings.federation is not None:
-        return settings.federation
-    if settings.profile != "dev":
-        return None
+def dev_federation_config(settings: NationSettings, **overrides: Any) -> FederationConfig:
+    """Dev profile: the other coalition nations of this cluster, reached through Serve handles.
+
+    Every nation's federation key lives in the one shared state directory (created here if missing),
+    which is only acceptable when all nations run on one operator's machine.
+    """
     root = settings.public_url.rstrip("/").rsplit("/", 1)[0]
     peers = []
     for nation in settings.coalition:
         if nation.upper() == settings.nation:
             continue
-        # Dev only: every nation's federation key lives in the one shared state directory.
         key = FederationKey(FederationKey.default_path(settings.state_dir, nation), nation)
         peers.append(PeerConfig(nation=nation, url=f"{root}/{nation.lower()}", signing_jwk=key.public_jwk))
-    return FederationConfig(peers=peers)
+    return FederationConfig(peers=peers, **overrides)
+
+
+def federation_config(settings: NationSettings) -> FederationConfig | None:
+    """The nation's KAS registry: from its settings, or (dev profile) the other coalition nations here."""
+    if settings.federation is not None:
+        return settings.federation
+    return dev_federation_config(settings) if settings.profile == "dev" else None
 
 
 def build_federation(settings: NationSettings, replay: ReplayStore) -> Federation | None:

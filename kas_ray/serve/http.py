@@ -72,7 +72,7 @@ def error_response(exc: KasRayError, headers: dict[str, str] | None = None) -> J
     code = next((c for kind, c in _CONNECT_CODES if isinstance(exc, kind)), None)
     status = exc.http_status if 400 <= exc.http_status < 600 and exc.http_status != 500 else 503
     code = code or _STATUS_CODES.get(status, "invalid_argument")
-    if isinstance(exc, KeyBackendUnavailable):
+    if status == 503:  # HSM, peer or internal failure: always worth a retry
         headers = {"Retry-After": "1", **(headers or {})}
     return JSONResponse({"code": code, "message": exc.message, "error": exc.code}, status_code=status,
                         headers=headers)

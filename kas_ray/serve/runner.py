@@ -19,10 +19,31 @@ AUTH_MODE_ENV = "RAY_AUTH_MODE"
 
 
 def nation_settings(state_dir: str | os.PathLike[str], nations: list[str], public_base: str, *,
-                    profile: Profile = "dev", **overrides: Any) -> list[NationSettings]:
+                    profile: Profile = "dev", per_nation: dict[str, dict[str, Any]] | None = None,
+                    **overrides: Any) -> list[NationSettings]:
+    """Settings of each nation served at ``public_base``; ``per_nation`` adds fields for one nation."""
     state = str(Path(state_dir).resolve())
-    return [NationSettings(nation=n, public_url=f"{public_base.rstrip('/')}/{n.lower()}", state_dir=state,
-                           profile=profile, coalition=nations, **overrides) for n in nations]
+    extra = {k.upper(): v for k, v in (per_nation or {}).items()}
+    return [NationSettings(**{"nation": n, "public_url": f"{public_base.rstrip('/')}/{n.lower()}",
+                              "state_dir": state, "profile": profile, "coalition": nations,
+                              **overrides, **extra.get(n.upper(), {})}) for n in nations]
+
+
+def load_nation_overrides(path: str | os.PathLike[str] | None) -> dict[str, dict[str, Any]]:
+    """``--nation-config FILE``: YAML mapping a nation to NationSettings fields (e.g. its federation)."""
+    if path is None:
+        return {}
+    import yaml
+
+    from kas_ray.errors import ConfigError
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ConfigError(f"{path} must map nation codes to settings")
+    return {str(k).upper(): v for k, v in data.items()}
 
 
 def deploy(settings: list[NationSettings], *, index: bool = True) -> dict[str, str]:
@@ -37,6 +58,16 @@ def deploy(settings: list[NationSettings], *, index: bool = True) -> dict[str, s
         serve.run(build_nation(nation.model_dump()), name=nation.nation.lower(),
                   route_prefix=f"/{nation.nation.lower()}", blocking=False)
         urls[nation.nation] = nation.public_url
+        federation = nation.federation
+        if federation is not None and federation.gateway_port is not None:
+            if federation.tls is None:
+                from kas_ray.errors import ConfigError
+
+                raise ConfigError(f"{nation.nation}: a federation gateway needs federation.tls (mutual TLS)")
+            from kas_ray.federation.gateway import start_gateway
+
+            start_gateway(nation.nation, federation.gateway_host, federation.gateway_port, federation.tls,
+                          app_name=nation.nation.lower())
     if index:
         serve.run(build_index({"urls": urls}), name="index", route_prefix="/", blocking=False)
     return urls
@@ -71,7 +102,8 @@ def try_it(urls: dict[str, str], state_dir: str) -> str:
 
 @contextlib.contextmanager
 def running_cluster(state_dir: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int = 8000,
-                    nations: list[str] | None = None, profile: Profile = "dev") -> Iterator[dict[str, str]]:
+                    nations: list[str] | None = None, profile: Profile = "dev",
+                    per_nation: dict[str, dict[str, Any]] | None = None) -> Iterator[dict[str, str]]:
     """Local Ray + every nation's KAS, ready; yields nation → URL and tears everything down after."""
     import ray
     from ray import serve
@@ -84,24 +116,34 @@ def running_cluster(state_dir: str | os.PathLike[str], *, host: str = "127.0.0.1
     try:
         serve.start(http_options={"host": host, "port": port})
         public = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"  # noqa: S104
-        urls = deploy(nation_settings(state_dir, nations, public, profile=profile))
+        urls = deploy(nation_settings(state_dir, nations, public, profile=profile, per_nation=per_nation))
         _wait_ready(list(urls.values()))
         try:
             yield urls
         finally:
             serve.shutdown()
             kill_actors(nations)
+            _stop_gateways(nations)
     finally:
         ray.shutdown()
 
 
+def _stop_gateways(nations: list[str]) -> None:
+    from kas_ray.federation.gateway import stop_gateway
+
+    for nation in nations:
+        stop_gateway(nation)
+
+
 def serve_forever(state_dir: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int = 8000,
                   nations: list[str] | None = None, profile: Profile = "dev",
+                  per_nation: dict[str, dict[str, Any]] | None = None,
                   out: Callable[[str], None] = print, stop: threading.Event | None = None) -> int:
     """``kas-ray serve``: start everything, print URLs, block until Ctrl-C/SIGTERM, shut down cleanly."""
     stop = stop or threading.Event()
     started = time.perf_counter()
-    with running_cluster(state_dir, host=host, port=port, nations=nations, profile=profile) as urls:
+    with running_cluster(state_dir, host=host, port=port, nations=nations, profile=profile,
+                         per_nation=per_nation) as urls:
         out(f"kas-ray: {len(urls)} nation KAS ready in {time.perf_counter() - started:.1f}s "
             f"(profile {profile}, state {Path(state_dir).resolve()})")
         for nation, url in urls.items():
