@@ -281,7 +281,9 @@ class PeerConfig(_Model):
     nation: str
     #: The peer's KAS URL (``http(s)://host:port/{nation}``): KAOs naming it are routed to it.
     url: str
-    transport: Literal["handle", "https"] = "handle"
+    #: ``handle``: Serve deployment handle (in-cluster); ``https``: the peer's gateway (mutual TLS);
+    #: ``local``: a service in this process (embedded coalition, tests; needs a transport given in code).
+    transport: Literal["handle", "https", "local"] = "handle"
     #: Serve application of the peer (in-cluster transport); default: the nation in lower case.
     app_name: str | None = None
     #: The peer's federation gateway (HTTPS transport), e.g. ``https://127.0.0.1:9443``.

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kas_ray.config import AgreementConfig, FederationConfig, PeerConfig
-from kas_ray.errors import KasRayError
+from kas_ray.errors import ConfigError, KasRayError
 from kas_ray.federation.breaker import BreakerBoard, BreakerState
 from kas_ray.federation.envelope import (
     FederationKey,
@@ -62,7 +62,8 @@ class Federation:
 
     def __init__(self, nation: str, config: FederationConfig, key: FederationKey, *, replay: ReplayStore,
                  on_event: Callable[[str, dict[str, Any]], None] | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 transports: Mapping[str, PeerTransport] | None = None) -> None:
         self.nation = nation.upper()
         self.config = config
         self.key = key
@@ -74,9 +75,13 @@ class Federation:
         #: Called with ("breaker", {...}) on breaker transitions (the service audits them).
         self.listener = on_event or (lambda kind, fields: None)
         self.breakers = BreakerBoard(config.breaker, list(self.peers), on_transition=self._transition)
-        self._transports: dict[str, PeerTransport] = {"handle": HandlePeerTransport()}
-        if any(p.transport == "https" for p in config.peers):
+        #: By transport kind; ``transports`` adds or replaces kinds (``local`` exists only when given).
+        self._transports: dict[str, PeerTransport] = {"handle": HandlePeerTransport(), **(transports or {})}
+        if "https" not in self._transports and any(p.transport == "https" for p in config.peers):
             self._transports["https"] = HttpsPeerTransport(config.tls)
+        missing = sorted({p.transport for p in config.peers} - set(self._transports))
+        if missing:
+            raise ConfigError(f"{self.nation}: no peer transport of kind {', '.join(missing)} was given")
         self.counters: Counter[str] = Counter()
 
     # --- routing ---------------------------------------------------------------------------------------

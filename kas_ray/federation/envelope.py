@@ -16,12 +16,12 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kas_ray.errors import KasRayError
 from kas_ray.trust.jwks import public_jwk, public_key_from_jwk
@@ -105,6 +105,9 @@ class ResultClaims(BaseModel):
     body_sha256: str
 
 
+_C = TypeVar("_C", ForwardClaims, ResultClaims)
+
+
 def _verify(token: str, keys: Mapping[str, dict[str, str]], typ: str, audience: str, now: float) -> dict[str, Any]:
     if not isinstance(token, str) or len(token) > MAX_MESSAGE_CHARS:
         raise ForwardError("signature is missing or too large")
@@ -126,11 +129,22 @@ def _verify(token: str, keys: Mapping[str, dict[str, str]], typ: str, audience: 
         )
     except jwt.PyJWTError as exc:
         raise ForwardError(f"signature does not verify: {exc.__class__.__name__}") from None
-    if float(claims["exp"]) < now:
+    try:
+        expires, issued = float(claims["exp"]), float(claims["iat"])
+    except (TypeError, ValueError):
+        raise ForwardError("message times are not numbers") from None
+    if not expires >= now:  # also refuses NaN
         raise ForwardError("message expired")
-    if float(claims["iat"]) > now + 30:
+    if not issued <= now + 30:
         raise ForwardError("message issued in the future")
     return claims
+
+
+def _claims(model: type[_C], claims: dict[str, Any]) -> _C:
+    try:
+        return model.model_validate(claims)
+    except ValidationError:
+        raise ForwardError("signed claims are malformed") from None
 
 
 def sign_forward(key: FederationKey, target: str, body: str, *, hops: list[str], ttl: float, deadline: float,
@@ -147,10 +161,10 @@ def verify_forward(
 ) -> tuple[ForwardClaims, dict[str, Any]]:
     """Check a forward addressed to ``me``; ``seen(nonce, ttl)`` is True the first time (replay store)."""
     now = time.time() if now is None else now
-    body = message.get("body")
+    body = message.get("body") if isinstance(message, Mapping) else None
     if not isinstance(body, str) or len(body) > MAX_MESSAGE_CHARS:
         raise ForwardError("forward body is missing or too large")
-    claims = ForwardClaims.model_validate(_verify(message.get("envelope"), keys, FORWARD_TYP, me.upper(), now))
+    claims = _claims(ForwardClaims, _verify(message.get("envelope"), keys, FORWARD_TYP, me.upper(), now))
     if claims.body_sha256 != _digest(body):
         raise ForwardError("forward body does not match its signature")
     if claims.hops[-1] != claims.iss:
@@ -182,10 +196,10 @@ def verify_result(message: Mapping[str, Any], *, me: str, peer: str, nonce: str,
                   keys: Mapping[str, dict[str, str]], now: float | None = None) -> dict[str, Any]:
     """Check a peer's answer to our forward ``nonce``; returns the parsed result body."""
     now = time.time() if now is None else now
-    body = message.get("body")
+    body = message.get("body") if isinstance(message, Mapping) else None
     if not isinstance(body, str) or len(body) > MAX_MESSAGE_CHARS:
         raise ForwardError("peer result body is missing or too large")
-    claims = ResultClaims.model_validate(_verify(message.get("result"), keys, RESULT_TYP, me.upper(), now))
+    claims = _claims(ResultClaims, _verify(message.get("result"), keys, RESULT_TYP, me.upper(), now))
     if claims.iss != peer.upper():
         raise ForwardError(f"result signed by {claims.iss}, not by the peer {peer.upper()}")
     if claims.in_reply_to != nonce:

@@ -1,20 +1,27 @@
-"""How a home KAS reaches a peer: Serve deployment handles in-cluster, HTTPS with mutual TLS across clusters.
+"""How a home KAS reaches a peer: Serve deployment handles in-cluster, HTTPS with mutual TLS across clusters,
+and direct calls to services of this process (embedded coalition, demo, tests).
 
-Both transports carry the same signed forward message and return the peer's signed result; a
-cancelled call is stopped at the peer (``DeploymentResponse.cancel()``, or the HTTP request closed).
+Every transport carries the same signed forward message and returns the peer's signed result; a
+cancelled call is stopped at the peer (``DeploymentResponse.cancel()``, the HTTP request closed, or
+the in-process coroutine cancelled).
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
-from typing import Any
+import json
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from kas_ray.config import PeerConfig, TlsIdentity
 from kas_ray.errors import KasRayError, error_from_code
 from kas_ray.federation.breaker import PeerUnavailable
+
+if TYPE_CHECKING:
+    from kas_ray.kas.service import RewrapService
 
 
 class PeerTransport(abc.ABC):
@@ -106,3 +113,29 @@ class HttpsPeerTransport(PeerTransport):
 
     async def close(self) -> None:
         await self._client.aclose()
+
+
+class LocalPeerTransport(PeerTransport):
+    """In process: the peer nation's :meth:`RewrapService.handle_forward`, called directly.
+
+    ``services`` maps a nation to its service and is read at call time, so it may be filled after
+    the federations using this transport are built. Messages are copied through JSON both ways, as
+    on a wire: the peer gets no object of ours and we get none of the peer's.
+    """
+
+    def __init__(self, services: Mapping[str, RewrapService]) -> None:
+        self._services = services
+
+    async def forward(self, peer: PeerConfig, message: dict[str, Any], timeout: float) -> dict[str, Any]:
+        service = self._services.get(peer.nation)
+        if service is None:
+            raise PeerUnavailable(f"peer {peer.nation} is not in this process")
+        try:
+            reply = await asyncio.wait_for(service.handle_forward(json.loads(json.dumps(message))), timeout)
+        except TimeoutError:
+            raise PeerUnavailable(f"peer {peer.nation} timed out after {timeout:.1f}s") from None
+        except KasRayError as exc:  # as it would arrive over a handle: code and message only
+            raise error_from_code(exc.code, f"peer {peer.nation}: {exc.message}") from None
+        except Exception as exc:  # noqa: BLE001 - a failing peer is unavailable, as over the other transports
+            raise PeerUnavailable(f"peer {peer.nation} failed: {exc.__class__.__name__}") from None
+        return _unwrap_envelope(peer, {"ok": json.loads(json.dumps(reply))})

@@ -30,6 +30,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydantic import BaseModel, ConfigDict
 
+from kas_ray.config import TlsIdentity
+
 Usage = Literal["server", "client", "both"]
 DEFAULT_HOSTNAMES = ("127.0.0.1", "localhost")
 #: TLS 1.2 suites (TLS 1.3 suites are not affected): forward secrecy and AEAD only.
@@ -38,18 +40,8 @@ _NATION = re.compile(r"[A-Za-z]{2,10}")
 _CN_NATION = re.compile(r"kas-([A-Za-z]{2,10})", re.IGNORECASE)
 
 
-class TlsIdentity(BaseModel):
-    """A TLS identity and the CA that authenticates the other side (mutual TLS between clusters)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    cert_file: str
-    key_file: str
-    ca_file: str
-
-
 class TlsFiles(Protocol):
-    """Anything with the three paths (:class:`TlsIdentity`, ``kas_ray.config.TlsIdentity``, :class:`CertFiles`)."""
+    """Anything with the three paths (:class:`~kas_ray.config.TlsIdentity`, :class:`CertFiles`)."""
 
     @property
     def cert_file(self) -> str: ...
@@ -224,6 +216,7 @@ def server_ssl_context(identity: TlsFiles) -> ssl.SSLContext:
     ctx.load_cert_chain(identity.cert_file, identity.key_file)
     ctx.load_verify_locations(cafile=identity.ca_file)
     ctx.verify_mode = ssl.CERT_REQUIRED  # OpenSSL also checks the clientAuth EKU when the cert has an EKU
+    ctx.num_tickets = 0  # no TLS 1.3 resumption: every connection verifies the client certificate afresh
     return ctx
 
 

@@ -2,6 +2,8 @@
 
 Every nation gets its software keystore, the dev identity providers of all coalition nations in
 its trust registry (dev profile only), the shared ABAC configuration and its own replay store.
+With ``federate=True`` each nation also gets a :class:`~kas_ray.federation.broker.Federation` whose
+peers are the other nations, reached in process; federation keys live in ``<state_dir>/federation``.
 """
 
 from __future__ import annotations
@@ -10,7 +12,10 @@ import os
 from pathlib import Path
 
 from kas_ray.audit import AuditSink, JsonLinesAuditSink
-from kas_ray.config import DEFAULT_NATIONS, AbacConfig, Profile
+from kas_ray.config import DEFAULT_NATIONS, AbacConfig, FederationConfig, PeerConfig, Profile
+from kas_ray.federation.broker import Federation
+from kas_ray.federation.envelope import FederationKey
+from kas_ray.federation.peers import LocalPeerTransport
 from kas_ray.kas.service import RewrapService
 from kas_ray.keys.software import SoftwareKeystore
 from kas_ray.policy import PolicyEngine
@@ -30,22 +35,37 @@ def build_local_services(
     profile: Profile = "dev",
     abac: AbacConfig | None = None,
     audit: AuditSink | None = None,
+    federate: bool = False,
 ) -> dict[str, RewrapService]:
-    """Nation KAS services keyed by their URL; audit goes to ``<state_dir>/audit.jsonl`` by default."""
+    """Nation KAS services keyed by their URL; audit goes to ``<state_dir>/audit.jsonl`` by default.
+
+    ``federate``: every nation brokers KAOs of the others (in-process :class:`LocalPeerTransport`).
+    """
     nations = [n.upper() for n in (nations or DEFAULT_NATIONS)]
     registry = dev_trust_registry(state_dir, nations, profile)
     engine = PolicyEngine(abac or AbacConfig())
     sink = audit or JsonLinesAuditSink(Path(state_dir) / "audit.jsonl")
+    by_nation: dict[str, RewrapService] = {}
+    transport = LocalPeerTransport(by_nation)  # filled below, read at call time
+    fed_keys = {n: FederationKey(FederationKey.default_path(state_dir, n), n) for n in nations} if federate else {}
     services: dict[str, RewrapService] = {}
     for nation in nations:
         url = nation_url(base_url, nation)
-        services[url] = RewrapService(
+        replay = MemoryReplayStore()
+        federation = None
+        if federate:
+            peers = [PeerConfig(nation=peer, url=nation_url(base_url, peer), transport="local",
+                                signing_jwk=fed_keys[peer].public_jwk) for peer in nations if peer != nation]
+            federation = Federation(nation, FederationConfig(peers=peers), fed_keys[nation], replay=replay,
+                                    transports={"local": transport})
+        services[url] = by_nation[nation] = RewrapService(
             nation,
             keys=SoftwareKeystore(state_dir, nation, profile=profile),
             trust=registry,
             policy=engine,
-            replay=MemoryReplayStore(),
+            replay=replay,
             audit=sink,
             public_urls=[url],
+            federation=federation,
         )
     return services

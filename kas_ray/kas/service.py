@@ -259,6 +259,8 @@ class RewrapService:
             # v1 (one keyAccess) answers with a status, as the platform does: 400/403 carry no key.
             first = responses[0].results[0]
             if first.status != "permit":
+                if (first.error or "").startswith("rpc error: code = Unavailable"):  # HSM/peer down: 503, retry
+                    raise KasUnavailable(first.error or "")
                 raise (AccessDenied if first.error == OPENTDF_FORBIDDEN else FormatError)(first.error or "")
             response.entity_wrapped_key = first.kas_wrapped_key
         return response
