@@ -239,10 +239,64 @@ class RewrapLimits(_Model):
     min_rsa_client_key_bits: int = 2048
 
 
+#: Default Cloud KMS location per nation (where its key ring lives).
+DEFAULT_KMS_LOCATIONS = {"USA": "us-central1", "FRA": "europe-west1", "GBR": "europe-west2"}
+
+
+class GcpKmsConfig(_Model):
+    """Google Cloud KMS: the nation's asymmetric-decrypt keys (HSM protection level)."""
+
+    project: str
+    #: Default: DEFAULT_KMS_LOCATIONS[nation].
+    location: str | None = None
+    key_ring: str = "kas-ray"
+    #: algorithm → cryptoKey id; every ENABLED version of each key is usable (its kid names the version).
+    keys: dict[str, str] = Field(default_factory=lambda: {"rsa:2048": "kas-rsa-2048", "rsa:4096": "kas-rsa-4096"})
+    #: Service-account JSON file; default: Application Default Credentials.
+    credentials_file: str | None = None
+    #: Tests only: a plaintext gRPC endpoint (host:port) instead of Google's.
+    insecure_endpoint: str | None = None
+    timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    max_attempts: int = Field(default=3, ge=1, le=10)
+
+
+class Pkcs11KeyConfig(_Model):
+    kid: str
+    #: CKA_LABEL of the private key (and its public key); or its CKA_ID in hex.
+    label: str | None = None
+    id_hex: str | None = None
+    algorithm: str = "rsa:4096"
+    oaep_hash: Literal["sha1", "sha256"] | None = "sha256"
+
+
+class Pkcs11Config(_Model):
+    """An on-premises HSM through PKCS#11: keys found by label or id, never extractable."""
+
+    module: str
+    slot: int | None = None
+    token_label: str | None = None
+    #: The user PIN comes from this environment variable, or from pin_file.
+    pin_env: str = "KAS_RAY_PKCS11_PIN"
+    pin_file: str | None = None
+    keys: list[Pkcs11KeyConfig] = Field(default_factory=list)
+    #: Sessions in the pool (sized to the HSM actor's concurrency).
+    sessions: int = Field(default=4, ge=1, le=64)
+
+
 class KeyBackendConfig(_Model):
     """Which backend the HSM actor runs; ``software`` keys live in the state directory."""
 
-    kind: Literal["software"] = "software"
+    kind: Literal["software", "gcp-kms", "pkcs11"] = "software"
+    gcp: GcpKmsConfig | None = None
+    pkcs11: Pkcs11Config | None = None
+
+    @model_validator(mode="after")
+    def _settings_for_kind(self) -> KeyBackendConfig:
+        if self.kind == "gcp-kms" and self.gcp is None:
+            raise ValueError("key_backend.kind gcp-kms needs key_backend.gcp")
+        if self.kind == "pkcs11" and self.pkcs11 is None:
+            raise ValueError("key_backend.kind pkcs11 needs key_backend.pkcs11")
+        return self
 
 
 # --- federation -------------------------------------------------------------------------------------

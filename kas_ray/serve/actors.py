@@ -16,8 +16,8 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
 
 from kas_ray.cache import CacheConfig, CacheKind, CacheStats, MemoryCache, ShareCache
-from kas_ray.config import Profile
-from kas_ray.errors import KasRayError, KeyBackendUnavailable
+from kas_ray.config import KeyBackendConfig, Profile
+from kas_ray.errors import KeyBackendUnavailable
 from kas_ray.keys.base import Health, KeyBackend, KeyInfo
 
 NAMESPACE = "kas-ray"
@@ -32,18 +32,23 @@ def cache_actor_name(nation: str) -> str:
     return f"kas-cache-{nation.lower()}"
 
 
-class BackendSpec(dict[str, Any]):
-    """How the HSM actor builds its backend: ``{"kind": "software", "state_dir": ..., "profile": ...}``."""
-
-
 def build_backend(spec: dict[str, Any], nation: str) -> KeyBackend:
-    kind = spec.get("kind", "software")
-    if kind == "software":
-        from kas_ray.keys.software import SoftwareKeystore
+    """The nation's key backend from ``spec``: a KeyBackendConfig dump plus ``state_dir`` and ``profile``."""
+    config = KeyBackendConfig.model_validate({k: v for k, v in spec.items() if k not in ("state_dir", "profile")})
+    if config.kind == "gcp-kms":
+        from kas_ray.keys.gcp_kms import GcpKmsBackend
 
-        profile: Profile = spec.get("profile", "dev")
-        return SoftwareKeystore(spec["state_dir"], nation, profile=profile)
-    raise KasRayError(f"unknown key backend kind {kind!r}")
+        assert config.gcp is not None
+        return GcpKmsBackend(config.gcp, nation)
+    if config.kind == "pkcs11":
+        from kas_ray.keys.pkcs11 import Pkcs11Backend
+
+        assert config.pkcs11 is not None
+        return Pkcs11Backend(config.pkcs11, nation)
+    from kas_ray.keys.software import SoftwareKeystore
+
+    profile: Profile = spec.get("profile", "dev")
+    return SoftwareKeystore(spec["state_dir"], nation, profile=profile)
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=16)

@@ -81,7 +81,7 @@ def build_federation(settings: NationSettings, replay: ReplayStore) -> Federatio
 
 def build_service(settings: NationSettings) -> RewrapService:
     """Everything a replica needs, wired to the nation's actors."""
-    backend_spec = {"kind": settings.key_backend.kind, "state_dir": settings.state_dir, "profile": settings.profile}
+    backend_spec = {**settings.key_backend.model_dump(), "state_dir": settings.state_dir, "profile": settings.profile}
     hsm, cache = get_or_create_actors(settings.nation, backend_spec, resources=settings.hsm_resources or None)
     abac = load_yaml(settings.abac_config, AbacConfig) if settings.abac_config else AbacConfig()
     replay = MemoryReplayStore()
