@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -124,8 +125,10 @@ class ActorKeyBackend(KeyBackend):
     """
 
     def __init__(self, hsm: Any, nation: str, *, cache: Any = None, timeout: float = 10.0,
-                 info_ttl: float = 30.0) -> None:
+                 info_ttl: float = 30.0, reconnect: Callable[[], Any] | None = None) -> None:
         self._hsm = hsm
+        #: Looks the named HSM actor up again (re-creating it) when it died for good.
+        self._reconnect = reconnect
         self._cache = cache
         self._cache_key = public_keys_cache_key(nation)
         self._timeout = timeout
@@ -138,6 +141,11 @@ class ActorKeyBackend(KeyBackend):
             return await asyncio.wait_for(getattr(self._hsm, method).remote(*args), self._timeout)
         except TimeoutError:
             raise KeyBackendUnavailable("the HSM actor did not answer in time") from None
+        except ActorDiedError:
+            # Ray restarts a crashed actor by itself; one killed for good needs a new instance.
+            if self._reconnect is not None:
+                self._hsm = await asyncio.to_thread(self._reconnect)
+            raise KeyBackendUnavailable("the HSM actor is unavailable (restarting)") from None
         except _ACTOR_FAILURES:
             raise KeyBackendUnavailable("the HSM actor is unavailable (restarting)") from None
 

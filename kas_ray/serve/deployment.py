@@ -82,12 +82,18 @@ def build_federation(settings: NationSettings, replay: ReplayStore) -> Federatio
 def build_service(settings: NationSettings) -> RewrapService:
     """Everything a replica needs, wired to the nation's actors."""
     backend_spec = {**settings.key_backend.model_dump(), "state_dir": settings.state_dir, "profile": settings.profile}
-    hsm, cache = get_or_create_actors(settings.nation, backend_spec, resources=settings.hsm_resources or None)
+    resources = settings.hsm_resources or None
+    hsm, cache = get_or_create_actors(settings.nation, backend_spec, resources=resources)
+
+    def reconnect() -> Any:
+        return get_or_create_actors(settings.nation, backend_spec, resources=resources)[0]
+
     abac = load_yaml(settings.abac_config, AbacConfig) if settings.abac_config else AbacConfig()
     replay = MemoryReplayStore()
     return RewrapService(
         settings.nation,
-        keys=ActorKeyBackend(hsm, settings.nation, cache=cache, timeout=settings.hsm_timeout_seconds),
+        keys=ActorKeyBackend(hsm, settings.nation, cache=cache, timeout=settings.hsm_timeout_seconds,
+                             reconnect=reconnect),
         trust=load_trust(settings),
         policy=PolicyEngine(abac),
         replay=replay,
