@@ -235,6 +235,138 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          profile=args.profile, per_nation=load_nation_overrides(args.nation_config))
 
 
+# --- keys -------------------------------------------------------------------------------------------
+_KEY_ALGORITHMS = {"rsa:2048": "rsa:2048", "rsa:3072": "rsa:3072", "rsa:4096": "rsa:4096", "ec": "ec:secp256r1",
+                   "ec:secp256r1": "ec:secp256r1"}
+
+
+def _key_backend(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from kas_ray.config import KeyBackendConfig
+
+    return load_yaml(args.backend_config, KeyBackendConfig) if args.backend_config else KeyBackendConfig()
+
+
+def _software_keystore(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from kas_ray.keys.software import SoftwareKeystore
+
+    if not (Path(args.state_dir) / "keys" / args.nation.lower() / "index.json").exists():
+        raise CliError(f"no software keystore for {args.nation.upper()} under {args.state_dir} "
+                       "(a nation's keys are created when its KAS first starts)")
+    return SoftwareKeystore(args.state_dir, args.nation, profile=args.profile)
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    backend = _key_backend(args)
+    nation = args.nation.upper()
+    if backend.kind == "gcp-kms":
+        from kas_ray.keys.gcp_kms import GcpKmsAdmin
+
+        assert backend.gcp is not None
+        admin = GcpKmsAdmin(backend.gcp, nation)
+        try:
+            rows = [{"kid": r.kid, "state": r.state, "algorithm": r.algorithm,
+                     "created": r.created.isoformat() if r.created else None, "version": r.name}
+                    for r in admin.versions()]
+        finally:
+            admin.close()
+    elif backend.kind == "software":
+        import asyncio
+
+        rows = [{"kid": i.kid, "state": i.status, "algorithm": i.algorithm, "oaep_hash": i.oaep_hash,
+                 "created": i.created.isoformat() if i.created else None, "version": i.version}
+                for i in asyncio.run(_software_keystore(args).keys())]
+    else:
+        raise CliError(f"kas-ray keys does not manage {backend.kind} keys (use the HSM's own tools)")
+    if args.json:
+        print(json.dumps({"nation": nation, "backend": backend.kind, "keys": rows}, indent=2))
+        return EXIT_OK
+    print(f"{nation} keys ({backend.kind}):")
+    for row in rows:
+        extra = f" oaep-{row['oaep_hash']}" if row.get("oaep_hash") else ""
+        print(f"  {row['kid']:<32} {row['state']:<20} {row['algorithm']}{extra}  created {row['created'] or '-'}"
+              + (f"  {row['version']}" if backend.kind == "gcp-kms" else ""))
+    return EXIT_OK
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    backend = _key_backend(args)
+    nation = args.nation.upper()
+    algorithm = _KEY_ALGORITHMS[args.algorithm]
+    if backend.kind == "gcp-kms":
+        from kas_ray.keys.gcp_kms import GcpKmsAdmin
+
+        assert backend.gcp is not None
+        if algorithm.startswith("ec:"):
+            raise CliError("Cloud KMS keys of kas-ray are RSA decrypt keys: rotate rsa:2048, rsa:3072 or rsa:4096")
+        admin = GcpKmsAdmin(backend.gcp, nation)
+        try:
+            print(f"creating a Cloud KMS key version for {algorithm} (waiting out PENDING_GENERATION, "
+                  f"up to {args.wait:.0f}s)...", file=sys.stderr)
+            info = admin.rotate(algorithm, wait_seconds=args.wait)
+        finally:
+            admin.close()
+        print(info.kid)
+        print(f"  version {info.version}: ENABLED; older versions stay ENABLED and keep decrypting", file=sys.stderr)
+        ttl = backend.gcp.key_list_ttl_seconds
+        _publish(args, nation, relist_after=ttl,
+                 note=f"the HSM actor lists versions again within {ttl:.0f}s")
+    elif backend.kind == "software":
+        oaep = args.oaep_hash if algorithm.startswith("rsa:") else None
+        info = _software_keystore(args).add_key(algorithm, oaep)  # type: ignore[arg-type]
+        print(info.kid)
+        print(f"  {algorithm} key {info.kid} is now active; the previous one is retired and keeps decrypting",
+              file=sys.stderr)
+        print("  note: a running HSM actor only sees new software keys after it restarts "
+              "(redeploy the nation or restart kas-ray serve)", file=sys.stderr)
+        _publish(args, nation, relist_after=0.0, note="")
+    else:
+        raise CliError(f"kas-ray keys does not manage {backend.kind} keys (use the HSM's own tools)")
+    return EXIT_OK
+
+
+def _publish(args: argparse.Namespace, nation: str, *, relist_after: float, note: str) -> None:
+    """Drop the nation's cached public keys in its cache actor, when a Ray cluster is reachable.
+
+    For KMS the HSM actor keeps its own version list for ``relist_after`` seconds: the entry is dropped
+    again after that, so no replica re-caches the list from before the rotation.
+    """
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        print("  no Ray cluster given (--address or RAY_ADDRESS): KAS caches pick the new key up as they "
+              "expire (replicas 30 s, the nation's cache actor up to 1 h)" + (f"; {note}" if note else ""),
+              file=sys.stderr)
+        return
+    dropped = _invalidate_public_keys(address, nation)
+    if dropped is None:
+        return
+    print(f"  invalidated {nation}'s cached public keys in its cache actor; replicas refresh within 30 s",
+          file=sys.stderr)
+    if relist_after > 0 and not args.no_wait:
+        import time
+
+        print(f"  {note}: invalidating again in {relist_after:.0f}s (--no-wait skips)", file=sys.stderr)
+        time.sleep(relist_after + 0.5)
+        _invalidate_public_keys(address, nation)
+
+
+def _invalidate_public_keys(address: str, nation: str) -> int | None:
+    """``invalidate_prefix`` on the nation's cache actor; None (with a note) if it cannot be reached."""
+    try:
+        import ray
+
+        from kas_ray.serve.actors import NAMESPACE, cache_actor_name, public_keys_cache_key
+
+        if not ray.is_initialized():
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR")
+        actor = ray.get_actor(cache_actor_name(nation), namespace=NAMESPACE)
+        return int(ray.get(actor.invalidate_prefix.remote(public_keys_cache_key(nation)), timeout=10))
+    except Exception as exc:  # noqa: BLE001 - the rotation itself succeeded; say why caches were not told
+        print(f"  could not reach {nation}'s cache actor ({_one_line(exc)[:200]}): KAS caches pick the new key "
+              "up as they expire (replicas 30 s, the cache actor up to 1 h)", file=sys.stderr)
+        return None
+
+
 # --- parser -----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from kas_ray.ztdf import DEFAULT_SEGMENT_SIZE
@@ -303,6 +435,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-process", action="store_true", help="no Ray: run the KAS services in this process")
     p.add_argument("--port", type=int, help="HTTP port for the KAS (default: a free port)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("keys", help="list or rotate a nation's KAS keys (software keystore or Cloud KMS)")
+    keys_sub = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+
+    def keys_common(q: argparse.ArgumentParser) -> None:
+        state(q)
+        q.add_argument("--nation", required=True, help="nation whose keys to manage, e.g. fra")
+        q.add_argument("--backend-config", help="YAML key backend (KeyBackendConfig: kind, gcp, ...); "
+                       "default: the software keystore in --state-dir")
+        q.add_argument("--profile", default=os.environ.get(PROFILE_ENV, "dev"), choices=["dev", "prod"])
+
+    q = keys_sub.add_parser("list", help="every key version and its state")
+    keys_common(q)
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+    q.set_defaults(func=cmd_keys_list)
+
+    q = keys_sub.add_parser("rotate", help="create a new key version and publish its kid; old ones keep decrypting")
+    keys_common(q)
+    q.add_argument("--algorithm", default="rsa:2048", choices=sorted(_KEY_ALGORITHMS),
+                   help="key to rotate (default rsa:2048)")
+    q.add_argument("--oaep-hash", choices=["sha1", "sha256"], help="software RSA keys: OAEP hash "
+                   "(default sha1 for rsa:2048, sha256 otherwise)")
+    q.add_argument("--wait", type=float, default=120.0, help="Cloud KMS: seconds to wait for the new version "
+                   "to leave PENDING_GENERATION")
+    q.add_argument("--address", help="Ray cluster to tell (default $RAY_ADDRESS): drops cached public keys")
+    q.add_argument("--no-wait", action="store_true", help="Cloud KMS: do not wait to invalidate caches twice")
+    q.set_defaults(func=cmd_keys_rotate)
     return parser
 
 

@@ -182,10 +182,11 @@ class KasClient:
     """Rewraps KAOs for one user (access token) with a fresh DPoP key and session key pair."""
 
     def __init__(self, transport: Transport, token: str | None = None, *, client_key_type: str = "ec",
-                 use_dpop: bool = True) -> None:
+                 use_dpop: bool = True, dpop_key: P.PrivateKey | None = None) -> None:
         self.transport = transport
         self.token = token
-        self._dpop_key = ec.generate_private_key(ec.SECP256R1()) if use_dpop else None
+        #: Pass the key a DPoP-bound token (``cnf.jkt``) names; otherwise a fresh one per client.
+        self._dpop_key = dpop_key or (ec.generate_private_key(ec.SECP256R1()) if use_dpop else None)
         self._client_key: P.PrivateKey = (
             ec.generate_private_key(ec.SECP256R1()) if client_key_type == "ec"
             else rsa.generate_private_key(public_exponent=65537, key_size=2048)

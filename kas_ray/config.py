@@ -256,17 +256,33 @@ class GcpKmsConfig(_Model):
     credentials_file: str | None = None
     #: Tests only: a plaintext gRPC endpoint (host:port) instead of Google's.
     insecure_endpoint: str | None = None
+    #: Budget of one KMS operation, retries included (keep it below NationSettings.hsm_timeout_seconds).
     timeout_seconds: float = Field(default=5.0, gt=0, le=60)
     max_attempts: int = Field(default=3, ge=1, le=10)
+    #: gRPC deadline of one attempt; default timeout_seconds / max_attempts.
+    attempt_timeout_seconds: float | None = Field(default=None, gt=0, le=60)
+    #: How long the HSM actor trusts its list of key versions before listing again (rotation shows up then).
+    key_list_ttl_seconds: float = Field(default=15.0, ge=0, le=3600)
+
+    @field_validator("insecure_endpoint")
+    @classmethod
+    def _loopback_only(cls, endpoint: str | None) -> str | None:
+        if endpoint is not None and not re.fullmatch(r"(127\.0\.0\.1|localhost|\[::1\]):\d{1,5}", endpoint):
+            raise ValueError("insecure_endpoint (plaintext gRPC, tests only) must be a loopback host:port")
+        return endpoint
 
 
 class Pkcs11KeyConfig(_Model):
     kid: str
-    #: CKA_LABEL of the private key (and its public key); or its CKA_ID in hex.
+    #: CKA_LABEL of the private key (and its public key); or its CKA_ID in hex. Neither: the label is the kid.
     label: str | None = None
     id_hex: str | None = None
+    #: Checked against the key on the token (rsa:2048, rsa:3072, rsa:4096 or ec:secp256r1).
     algorithm: str = "rsa:4096"
+    #: OAEP hash of ``wrapped`` KAOs for an RSA key (ignored for EC keys).
     oaep_hash: Literal["sha1", "sha256"] | None = "sha256"
+    #: active: published and used; retired: still decrypts; disabled: refused. List newest keys first.
+    status: Literal["active", "retired", "disabled"] = "active"
 
 
 class Pkcs11Config(_Model):

@@ -110,11 +110,11 @@ def run_demo(state_dir: str | os.PathLike[str], nations: list[str] | None = None
     if in_process:
         base_url = "http://127.0.0.1:8000"
         sink = JsonLinesAuditSink(state / "audit" / "in-process.jsonl")
-        services = build_local_services(state, nations, base_url=base_url, audit=sink)
+        services = build_local_services(state, nations, base_url=base_url, audit=sink, federate=True)
         transport = LocalTransport(services)
         print(f"kas-ray demo: {len(services)} nation KAS in process ({', '.join(nations)})", file=out)
         try:
-            return _scenario(transport, base_url, state, nations, out, started, brokered=False)
+            return _scenario(transport, base_url, state, nations, out, started, brokered=True)
         finally:
             sink.close()
             transport.close()

@@ -128,6 +128,8 @@ class Federation:
             message, me=self.nation, keys=self.keys, hop_limit=self.config.hop_limit,
             seen=self._replay.check_and_store, now=self._clock(),
         )
+        if claims.exp - claims.iat > self.config.forward_ttl_seconds + 1:
+            raise ForwardError("forward lifetime is longer than this KAS accepts")
         if tls_peer is not None and tls_peer.upper() != claims.iss:
             raise ForwardError(f"TLS identity {tls_peer} does not match the signed forwarder {claims.iss}")
         self.counters["forwards_received"] += 1

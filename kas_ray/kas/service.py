@@ -56,6 +56,7 @@ from kas_ray.trust import (
     TokenVerifier,
     VerifiedToken,
     averify_dpop,
+    jwk_thumbprint,
     parse_authorization,
     verify_signed_request,
 )
@@ -126,7 +127,10 @@ class _Request:
     subject: Subject
     session: _Session
     client_public_key: str
-    dpop_jkt: str | None
+    #: The verified DPoP key and the client's signed request: a peer re-checks that the client key
+    #: it rewraps to was signed by the key the user's token is bound to.
+    dpop_jwk: dict[str, Any] | None
+    signed_request: str | None
     deadline: float
     #: Set when the request was forwarded by a peer: its agreement caps apply, nothing is forwarded again.
     agreement: AgreementConfig | None = None
@@ -252,7 +256,7 @@ class RewrapService:
         deadline = self._clock() + (self.federation.config.deadline_seconds if self.federation else 30.0)
         ctx = _Request(call=call, token=parse_authorization(call.authorization)[1], verified=verified,
                        subject=_subject(verified), session=session, client_public_key=request.client_public_key,
-                       dpop_jkt=proof.jkt if proof else None, deadline=deadline)
+                       dpop_jwk=proof.jwk if proof else None, signed_request=_srt(call.body), deadline=deadline)
         responses = await asyncio.gather(*(self._policy(ctx, req) for req in request.policy_requests()))
         response = RewrapResponse(session_public_key=session.session_public_pem, responses=list(responses))
         if request.is_v1:
@@ -365,7 +369,8 @@ class RewrapService:
             "clientPublicKey": ctx.client_public_key,
             "policy": req.policy.to_wire(),
             "keyAccessObjects": [item.to_wire() for item in items],
-            "dpopJkt": ctx.dpop_jkt,
+            "dpopJwk": ctx.dpop_jwk,
+            "signedRequestToken": ctx.signed_request,
             "requestId": ctx.call.request_id,
         }
         started = time.perf_counter()
@@ -463,11 +468,11 @@ class RewrapService:
             if not isinstance(token, str):
                 raise TokenError("forward carries no user token")
             verified = await self.verifier.averify(token)
-            if verified.cnf_jkt and verified.cnf_jkt != body.get("dpopJkt"):
-                raise DPoPError("the user's token is DPoP-bound but the forwarder did not verify that key")
             client_pem = body.get("clientPublicKey")
             if not isinstance(client_pem, str):
                 raise FormatError("forward carries no clientPublicKey")
+            if verified.cnf_jkt:
+                self._check_bound_client_key(verified.cnf_jkt, body, client_pem)
             session = _Session(self.client_key(client_pem))
             try:
                 req = PolicyRequest.model_validate({"policy": body.get("policy"),
@@ -483,7 +488,8 @@ class RewrapService:
             self._audit_rejection(call, exc)
             raise
         ctx = _Request(call=call, token=token, verified=verified, subject=_subject(verified), session=session,
-                       client_public_key=client_pem, dpop_jkt=body.get("dpopJkt"),
+                       client_public_key=client_pem, dpop_jwk=body.get("dpopJwk"),
+                       signed_request=body.get("signedRequestToken"),
                        deadline=min(claims.deadline, self._clock() + federation.config.deadline_seconds),
                        agreement=federation.agreement(claims.iss))
         try:
@@ -494,6 +500,22 @@ class RewrapService:
         answer = {"sessionPublicKey": session.session_public_pem,
                   "results": [r.to_wire() for r in result.results]}
         return federation.sign_answer(claims, answer)
+
+    def _check_bound_client_key(self, jkt: str, body: dict[str, Any], client_pem: str) -> None:
+        """For a DPoP-bound token, the forwarder must show that the token's key signed the client key.
+
+        Otherwise any KAS holding a user's token could have a peer rewrap shares to a key of its own.
+        """
+        jwk = body.get("dpopJwk")
+        if not isinstance(jwk, dict) or jwk_thumbprint(jwk) != jkt:
+            raise DPoPError("the user's token is DPoP-bound: the forward must carry that DPoP key")
+        srt = body.get("signedRequestToken")
+        if not isinstance(srt, str):
+            raise DPoPError("the user's token is DPoP-bound: the forward must carry the signed request")
+        signed = verify_signed_request(srt, dpop_jwk=jwk, max_age_seconds=self.trust.signed_request_max_age_seconds,
+                                       clock=self._clock, leeway_seconds=self.trust.leeway_seconds)
+        if signed.get("clientPublicKey") != client_pem:
+            raise SignedRequestError("the forwarded client key is not the one the user signed")
 
     # --- audit ------------------------------------------------------------------------------------------
     def _audit_kao(self, ctx: _Request, item: KaoRequest, info: KeyInfo | None, work: _PolicyWork,
@@ -537,6 +559,11 @@ class RewrapService:
             action=AuditAction.REQUEST_REJECTED, request_id=call.request_id, nation=self.nation,
             decision="reject", reasons=[error.message], error_code=error.code, hops=call.hops,
         ))
+
+
+def _srt(body: dict[str, Any]) -> str | None:
+    srt = body.get("signedRequestToken")
+    return srt if isinstance(srt, str) else None
 
 
 def _subject(verified: VerifiedToken) -> Subject:
