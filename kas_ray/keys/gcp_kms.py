@@ -408,6 +408,7 @@ class GcpKmsBackend(KeyBackend):
         self._listed_at: float | None = None  # monotonic time of the last good listing
         self._refresh_not_before = 0.0
         self._forced_at = float("-inf")  # last re-listing for an unknown kid (rate limited)
+        self._probed_at = float("-inf")  # last readiness probe after a failure (rate limited)
         self._last_error: str | None = None
 
     # --- client and loop -----------------------------------------------------------------------------------
@@ -489,13 +490,13 @@ class GcpKmsBackend(KeyBackend):
                     logger.warning("%s: skipping %s: %s is not an RSA-OAEP algorithm kas-ray supports",
                                    self.nation, version.name, algorithm_name)
                     continue
-                status: KeyStatus = "retired"
-                if not active_seen and KMS_ALGORITHMS[algorithm_name][0] == configured:
-                    status, active_seen = "active", True
                 try:
                     pem, _ = await self._public_key(version.name)
                 except KeyNotFoundError:  # disabled between the listing and this call
                     continue
+                status: KeyStatus = "retired"
+                if not active_seen and KMS_ALGORITHMS[algorithm_name][0] == configured:
+                    status, active_seen = "active", True
                 infos.append(_key_info(self.layout, version.name, algorithm_name, pem, _created(version), status))
             if not active_seen:
                 logger.warning("%s: Cloud KMS key %s has no ENABLED %s version", self.nation, key_id, configured)
@@ -536,6 +537,8 @@ class GcpKmsBackend(KeyBackend):
                 self._forced_at = time.monotonic()
                 await self._refresh(force=True)
             info = self._by_kid.get(kid)
+            if info is None and self._last_error is not None:  # could not look: not the kid's fault
+                raise KeyBackendUnavailable(f"Cloud KMS could not be asked about {kid!r}: {self._last_error}")
         if info is None:
             raise KeyNotFoundError(f"unknown kid {kid!r}")
         return info
@@ -572,9 +575,14 @@ class GcpKmsBackend(KeyBackend):
     async def health(self) -> Health:
         """Readiness: a recent good listing with keys, and no Cloud KMS failure since the last success."""
         try:
-            if self._last_error is not None or not self._fresh():
+            if self._last_error is not None:
                 # After a failure, probe again (at most every few seconds): readiness must come back.
-                await self._refresh(force=self._last_error is not None)
+                now = time.monotonic()
+                if now - self._probed_at >= min(self.ttl, _FAILED_REFRESH_BACKOFF):
+                    self._probed_at = now
+                    await self._refresh(force=True)
+            elif not self._fresh():
+                await self._refresh(force=False)
         except KasRayError as exc:
             return Health(ok=False, detail=f"Cloud KMS: {exc.message}", keys=len(self._infos))
         if self._last_error is not None:
