@@ -399,6 +399,108 @@ class FederationConfig(_Model):
     debug_delay_seconds: float = Field(default=0.0, ge=0, le=60)
 
 
+# --- shared state (Redis) ---------------------------------------------------------------------------
+class RedisConfig(_Model):
+    """Where a nation's replicas share cache entries, replay nonces and rate-limit windows (docs/redis.md).
+
+    Secrets are never values here (settings travel as Serve deployment arguments): the password and the
+    cache sealing secret come from an environment variable or a file that only the nation's nodes hold.
+    """
+
+    #: ``redis://host:port/db`` or ``rediss://`` (TLS). No credentials in the URL.
+    url: str
+    #: ACL user (Redis 6+); None = the default user.
+    username: str | None = None
+    #: Name of the environment variable holding the password, or a file holding it (one of them, or none).
+    password_env: str | None = None
+    password_file: str | None = None
+    #: TLS (``rediss://`` only): CA bundle that signs the server, and our client identity for mutual TLS.
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    connect_timeout_seconds: float = Field(default=0.5, gt=0, le=30)
+    command_timeout_seconds: float = Field(default=0.5, gt=0, le=30)
+    #: Connections per replica (a blocking pool: a request waits at most command_timeout for one).
+    max_connections: int = Field(default=32, ge=1, le=1024)
+    #: Every key is ``{key_prefix}{NATION}:...``; grant a nation's ACL user ``~{key_prefix}{NATION}:*``.
+    key_prefix: str = Field(default="kas-ray:", max_length=64, pattern=r"^[A-Za-z0-9:_.\-]*$")
+    #: After a failure, Redis is not tried again for this long (requests go on without it meanwhile).
+    retry_interval_seconds: float = Field(default=1.0, gt=0, le=60)
+    #: Secret the cache sealing keys are derived from (HKDF): an env variable name or a file. Neither:
+    #: dev profile generates ``<state_dir>/secrets/cache-seal-<nation>.key`` (0600); prod refuses to start.
+    seal_secret_env: str | None = None
+    seal_secret_file: str | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RedisConfig:
+        scheme = self.url.split("://", 1)[0].lower() if "://" in self.url else ""
+        if scheme not in ("redis", "rediss"):
+            raise ValueError("redis.url must start with redis:// or rediss://")
+        if "@" in self.url.split("://", 1)[1].split("/", 1)[0]:
+            raise ValueError("redis.url must not carry credentials: use username and password_env/password_file")
+        if self.password_env and self.password_file:
+            raise ValueError("give at most one of redis.password_env and redis.password_file")
+        if self.seal_secret_env and self.seal_secret_file:
+            raise ValueError("give at most one of redis.seal_secret_env and redis.seal_secret_file")
+        if scheme != "rediss" and (self.tls_ca_file or self.tls_cert_file or self.tls_key_file):
+            raise ValueError("redis TLS files need a rediss:// URL")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("give both redis.tls_cert_file and redis.tls_key_file, or neither")
+        return self
+
+
+class ReplayStoreConfig(_Model):
+    """Where DPoP ``jti``s and forward nonces are remembered.
+
+    ``auto``: Redis when ``redis`` is configured, else this replica's memory. ``on_redis_down``:
+    ``strict`` (the default: a security control fails closed) answers 503 + Retry-After to requests that
+    need the store while Redis is unreachable; ``local`` falls back to a per-replica store, so a proof
+    could be replayed once per other replica during the outage.
+    """
+
+    backend: Literal["auto", "memory", "redis"] = "auto"
+    on_redis_down: Literal["strict", "local"] = "strict"
+    #: Bound of the in-memory store (and of the local fallback).
+    max_entries: int = Field(default=100_000, ge=1)
+
+
+class EndpointRateLimit(_Model):
+    """Requests allowed per window for one endpoint class; None = not limited on that dimension."""
+
+    per_subject: int | None = Field(default=None, ge=1)
+    per_client: int | None = Field(default=None, ge=1)
+
+
+class RateLimitConfig(_Model):
+    """Sliding-window rate limits, shared through Redis when configured (else per replica, in memory).
+
+    ``per_subject`` counts requests of one verified token subject (issuer + sub) and applies to rewraps;
+    ``per_client`` counts requests of one client address. Over the limit: 429 with Retry-After.
+    """
+
+    enabled: bool = True
+    window_seconds: float = Field(default=60.0, gt=0, le=86_400)
+    rewrap: EndpointRateLimit = Field(default_factory=lambda: EndpointRateLimit(per_subject=1200, per_client=6000))
+    public_key: EndpointRateLimit = Field(default_factory=lambda: EndpointRateLimit(per_client=6000))
+    backend: Literal["auto", "memory", "redis"] = "auto"
+    #: Proxies (IPs or CIDRs) whose X-Forwarded-For is believed; empty = the TCP peer is the client.
+    trusted_proxies: list[str] = Field(default_factory=list)
+    #: Identities tracked by the in-memory limiter (the longest idle are dropped beyond it).
+    max_tracked: int = Field(default=100_000, ge=1)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, proxies: list[str]) -> list[str]:
+        import ipaddress
+
+        for proxy in proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(f"trusted proxy {proxy!r} is not an IP address or CIDR") from None
+        return proxies
+
+
 class NationSettings(_Model):
     """One nation's KAS deployment: everything its replicas and actors are built from."""
 
@@ -421,11 +523,21 @@ class NationSettings(_Model):
     hsm_resources: dict[str, float] = Field(default_factory=dict)
     #: KAS registry and brokering; None = the other ``coalition`` nations in this cluster (dev profile).
     federation: FederationConfig | None = None
+    #: Shared state (docs/redis.md): None = every replica keeps its own (the embedded default).
+    redis: RedisConfig | None = None
+    replay: ReplayStoreConfig = Field(default_factory=ReplayStoreConfig)
+    rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
 
     @field_validator("nation")
     @classmethod
     def _upper_nation(cls, nation: str) -> str:
         return nation.upper()
+
+    @model_validator(mode="after")
+    def _redis_for_shared_state(self) -> NationSettings:
+        if self.redis is None and "redis" in (self.replay.backend, self.rate_limit.backend):
+            raise ValueError("replay/rate_limit backend redis needs the redis settings")
+        return self
 
     def audit_file(self) -> Path:
         if self.audit_path:

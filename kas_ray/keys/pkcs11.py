@@ -181,7 +181,13 @@ class _Cryptoki:
 def _login(module: str, session: Any, pin: str, user_type: int = _CKU_USER) -> int:
     """C_Login on ``session``; returns the CKR code (CKR_USER_ALREADY_LOGGED_IN counts as success)."""
     data = pin.encode()
-    return int(_Cryptoki.of(module).login(session.handle, user_type, data, len(data)))
+    return int(_Cryptoki.of(module).login(_handle(session), user_type, data, len(data)))
+
+
+def _handle(session: Any) -> int:
+    """The CK_SESSION_HANDLE of a python-pkcs11 session (``handle`` since 0.8, ``_handle`` before)."""
+    handle = getattr(session, "handle", None)
+    return int(handle if handle is not None else session._handle)
 
 
 def _load_lib(pkcs11: ModuleType, module: str) -> Any:
@@ -454,7 +460,7 @@ class Pkcs11Backend(KeyBackend):
             if self._conn is not None:
                 return self._conn
             if self._failure is not None and time.monotonic() - self._failed_at < self.retry_after_seconds:
-                raise self._failure
+                raise type(self._failure)(self._failure.message)  # a fresh exception per caller
             try:
                 self._conn = self._open()
             except KasRayError as exc:
@@ -746,7 +752,7 @@ def _init_user_pin(module: str, token: Any, so_pin: str, user_pin: str) -> None:
         try:
             session.init_pin(user_pin)
         finally:
-            _Cryptoki.of(module).logout(session.handle)
+            _Cryptoki.of(module).logout(_handle(session))
     finally:
         _close_quietly(session)
 
