@@ -81,8 +81,27 @@ def start_ray(*, num_cpus: int | None = None) -> None:
     os.environ.setdefault(AUTH_MODE_ENV, "disabled")
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # our own lines say what is up
     address = os.environ.get("RAY_ADDRESS") or "local"
-    ray.init(address=address, namespace=NAMESPACE, include_dashboard=False, num_cpus=num_cpus,
+    init_ray(address=address, namespace=NAMESPACE, include_dashboard=False, num_cpus=num_cpus,
              log_to_driver=False, ignore_reinit_error=True)
+
+
+def init_ray(attempts: int = 3, **options: Any) -> None:
+    """``ray.init`` that tries again when a new local node misses Ray's fixed 30 s startup window.
+
+    On a busy 2-core machine the raylet can take longer than that to register; a second try then
+    usually succeeds. Any other failure is raised at once.
+    """
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(**options)
+            return
+        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for this
+            if "timed out during startup" not in str(exc) or attempt == attempts:
+                raise
+            logging.getLogger(__name__).warning("Ray node start timed out (attempt %d); retrying", attempt)
+            ray.shutdown()
 
 
 def try_it(urls: dict[str, str], state_dir: str) -> str:
