@@ -49,7 +49,6 @@ def ray_session() -> Iterator[None]:
     import ray
 
     from kas_ray.serve.actors import NAMESPACE
-
     from kas_ray.serve.runner import init_ray
 
     init_ray(address="local", num_cpus=2, include_dashboard=False, namespace=NAMESPACE, log_to_driver=False)
