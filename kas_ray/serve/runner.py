@@ -74,7 +74,6 @@ def deploy(settings: list[NationSettings], *, index: bool = True) -> dict[str, s
 
 
 def start_ray(*, num_cpus: int | None = None) -> None:
-
     from kas_ray.serve.actors import NAMESPACE
 
     os.environ.setdefault(AUTH_MODE_ENV, "disabled")
