@@ -95,13 +95,15 @@ class CacheActor:
 
 def get_or_create_actors(nation: str, backend_spec: dict[str, Any], cache_config: CacheConfig | None = None,
                          *, resources: dict[str, float] | None = None) -> tuple[Any, Any]:
-    """The nation's (hsm, cache) actor handles, created on first call (idempotent across replicas)."""
+    """The nation's (hsm, cache) actor handles, created on first call (idempotent across replicas).
+
+    ``resources`` pin both actors to the nation's nodes: the cache actor holds unwrapped shares too.
+    """
     options: dict[str, Any] = {"namespace": NAMESPACE, "lifetime": "detached", "get_if_exists": True}
     if resources:
         options["resources"] = resources
     hsm = HsmActor.options(name=hsm_actor_name(nation), **options).remote(nation, backend_spec)
-    cache = CacheActor.options(name=cache_actor_name(nation), namespace=NAMESPACE, lifetime="detached",
-                               get_if_exists=True).remote(cache_config)
+    cache = CacheActor.options(name=cache_actor_name(nation), **options).remote(cache_config)
     return hsm, cache
 
 
