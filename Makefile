@@ -24,13 +24,21 @@ demo: run
 
 ## test: install what the tests need and run the whole suite
 ##   (as root on Debian/Ubuntu also an opencryptoki token for the PKCS#11 tests; they skip without one)
-test: $(STAMP)
+##   (and redis-server, through apt where missing, for the shared-state tests; they skip without it)
+test: $(STAMP) lint
 	@if [ "$$(id -u)" = 0 ] && [ -f /etc/debian_version ] && command -v apt-get >/dev/null; then \
 	  PYTHON=$(PY) bash scripts/setup-opencryptoki.sh || echo "no PKCS#11 token: those tests will skip"; fi
+	@command -v redis-server >/dev/null || { \
+	  echo "installing redis-server (Debian/Ubuntu) for the shared-state tests"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server; } \
+	  || echo "no redis-server: the Redis tests will skip"
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+## lint: ruff, bandit and mypy (strict on the core modules; config in pyproject.toml); `make test` runs it first
 lint: $(STAMP)
 	$(VENV)/bin/ruff check kas_ray tests perf
+	$(VENV)/bin/bandit -q -c pyproject.toml -r kas_ray
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -367,6 +367,65 @@ def _invalidate_public_keys(address: str, nation: str) -> int | None:
         return None
 
 
+# --- audit ------------------------------------------------------------------------------------------
+def _audit_files(args: argparse.Namespace) -> list[Path]:
+    from kas_ray.audit import rotated_files
+
+    files = [Path(f) for f in args.files]
+    if args.with_rotated:
+        if len(files) != 1:
+            raise CliError("--with-rotated takes one live audit file")
+        files = [*rotated_files(files[0]), files[0]]
+    for path in files:
+        if not path.is_file():
+            raise CliError(f"{path}: no such audit file")
+    return files
+
+
+def _anchor(text: str) -> tuple[int, str]:
+    seq, _, digest = text.partition(":")
+    if not seq.isdigit() or len(digest) != 64:
+        raise argparse.ArgumentTypeError(f"anchor {text!r} is not SEQ:SHA256 (e.g. 41:{'ab' * 32})")
+    return int(seq), digest.lower()
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from kas_ray.audit import verify_chain
+
+    files = _audit_files(args)
+    report = verify_chain(files, anchors=args.anchor or [])
+    for note in report.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if report.error is not None:
+        bad = report.error
+        print(f"kas-ray: audit chain broken at {bad}", file=sys.stderr)
+        if bad.line:
+            print(f"  line {bad.line_no}: {bad.line.decode('utf-8', 'replace').rstrip()[:400]}", file=sys.stderr)
+        return EXIT_TAMPERED
+    span = f"seq {report.first_seq}..{report.last_seq}" if report.records else "no record"
+    print(f"ok: {report.records} records in {len(files)} file(s), {span}")
+    if report.head:
+        print(f"head: {report.last_seq}:{report.head}  (keep it elsewhere; pass it back with --anchor)")
+    return EXIT_OK
+
+
+def cmd_audit_rotate(args: argparse.Namespace) -> int:
+    from kas_ray.audit import JsonLinesAuditSink
+
+    if not Path(args.file).is_file():
+        raise CliError(f"{args.file}: no such audit file")
+    sink = JsonLinesAuditSink(args.file)
+    try:
+        rotated = sink.rotate(args.reason)
+    finally:
+        sink.close()
+    if rotated is None:
+        print(f"{args.file} has no record yet: nothing to rotate", file=sys.stderr)
+    else:
+        print(rotated)
+    return EXIT_OK
+
+
 # --- parser -----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from kas_ray.ztdf import DEFAULT_SEGMENT_SIZE
@@ -462,6 +521,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--address", help="Ray cluster to tell (default $RAY_ADDRESS): drops cached public keys")
     q.add_argument("--no-wait", action="store_true", help="Cloud KMS: do not wait to invalidate caches twice")
     q.set_defaults(func=cmd_keys_rotate)
+
+    p = sub.add_parser("audit", help="verify or rotate hash-chained audit files")
+    audit_sub = p.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    q = audit_sub.add_parser("verify", help="check the hash chain; print the first bad line (exit 4) or the head")
+    q.add_argument("files", nargs="+", metavar="FILE",
+                   help="audit files, oldest first (rotated ones, then the live one)")
+    q.add_argument("--with-rotated", action="store_true",
+                   help="FILE is the live file: also check its rotated files (FILE.<timestamp>) before it")
+    q.add_argument("--anchor", action="append", type=_anchor, metavar="SEQ:SHA256",
+                   help="a head printed by an earlier verify: that record must still be there, unchanged")
+    q.set_defaults(func=cmd_audit_verify)
+    q = audit_sub.add_parser("rotate", help="start a new audit file chained to the current one (safe while serving)")
+    q.add_argument("file", metavar="FILE", help="the live audit file, e.g. .kas-ray/audit/usa.jsonl")
+    q.add_argument("--reason", default="operator request", help="recorded in the AUDIT_ROTATED record")
+    q.set_defaults(func=cmd_audit_rotate)
     return parser
 
 

@@ -129,8 +129,8 @@ class AbacConfig(_Model):
         clearance_defs = [d for d in self.attributes.values() if d.subject == "clearance"]
         for definition in clearance_defs:
             levels = {normalize_label(v) for v in definition.values}
-            for nation, names in self.clearance_equivalence.items():
-                unknown = set(names.values()) - levels
+            for nation, table in self.clearance_equivalence.items():
+                unknown = set(table.values()) - levels
                 if unknown:
                     raise ValueError(f"clearance table {nation} maps to unknown levels {sorted(unknown)}")
         return self
@@ -478,10 +478,12 @@ class RateLimitConfig(_Model):
     ``per_client`` counts requests of one client address. Over the limit: 429 with Retry-After.
     """
 
+    #: On by default with generous limits (50 rewraps/s per subject, 500 requests/s per address, per
+    #: endpoint class): they stop floods, not benchmarks. Tune them per deployment.
     enabled: bool = True
     window_seconds: float = Field(default=60.0, gt=0, le=86_400)
-    rewrap: EndpointRateLimit = Field(default_factory=lambda: EndpointRateLimit(per_subject=1200, per_client=6000))
-    public_key: EndpointRateLimit = Field(default_factory=lambda: EndpointRateLimit(per_client=6000))
+    rewrap: EndpointRateLimit = Field(default_factory=lambda: EndpointRateLimit(per_subject=3000, per_client=30000))
+    public_key: EndpointRateLimit = Field(default_factory=lambda: EndpointRateLimit(per_client=30000))
     backend: Literal["auto", "memory", "redis"] = "auto"
     #: Proxies (IPs or CIDRs) whose X-Forwarded-For is believed; empty = the TCP peer is the client.
     trusted_proxies: list[str] = Field(default_factory=list)
@@ -514,8 +516,10 @@ class NationSettings(_Model):
     coalition: list[str] = Field(default_factory=lambda: list(DEFAULT_NATIONS))
     abac_config: str | None = None
     key_backend: KeyBackendConfig = Field(default_factory=KeyBackendConfig)
-    #: Audit file (JSON lines); default ``<state_dir>/audit/<nation>.jsonl``.
+    #: Audit file (hash-chained JSON lines); default ``<state_dir>/audit/<nation>.jsonl``.
     audit_path: str | None = None
+    #: Rotate the audit file once it reaches this many bytes (None: only ``kas-ray audit rotate``).
+    audit_max_bytes: int | None = Field(default=None, ge=4096)
     limits: RewrapLimits = Field(default_factory=RewrapLimits)
     #: Seconds a call to the HSM actor may take before the request fails with 503.
     hsm_timeout_seconds: float = Field(default=10.0, gt=0)

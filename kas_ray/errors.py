@@ -132,6 +132,28 @@ class SignedRequestError(KasRayError):
     code = "invalid_signed_request"
 
 
+class ReplayStoreUnavailable(KasRayError):
+    """The shared replay store is unreachable; the request was not processed (retry later)."""
+
+    code = "replay_store_unavailable"
+    http_status = 503
+
+    def __init__(self, message: str = "", *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RateLimited(KasRayError):
+    """Too many requests: slow down and retry after the given time."""
+
+    code = "rate_limited"
+    http_status = 429
+
+    def __init__(self, message: str = "", *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 # --- policy -----------------------------------------------------------------------------------------
 class AccessDenied(KasRayError):
     """The ABAC policy denies access."""

@@ -123,11 +123,19 @@ class Federation:
         return PeerAnswer(results, session if isinstance(session, str) else None)
 
     # --- inbound -----------------------------------------------------------------------------------------
-    def verify_inbound(self, message: Mapping[str, Any], tls_peer: str | None = None) -> tuple[ForwardClaims, dict]:
-        claims, body = verify_forward(
-            message, me=self.nation, keys=self.keys, hop_limit=self.config.hop_limit,
-            seen=self._replay.check_and_store, now=self._clock(),
-        )
+    async def verify_inbound(self, message: Mapping[str, Any], tls_peer: str | None = None
+                             ) -> tuple[ForwardClaims, dict]:
+        nonces: list[tuple[str, float]] = []
+
+        def later(nonce: str, ttl: float) -> bool:  # recorded below, with the store's async call
+            nonces.append((nonce, ttl))
+            return True
+
+        claims, body = verify_forward(message, me=self.nation, keys=self.keys, hop_limit=self.config.hop_limit,
+                                      seen=later, now=self._clock())
+        for nonce, ttl in nonces:
+            if not await self._replay.acheck_and_store(nonce, ttl):
+                raise ForwardError("forward nonce was already used (replay)")
         if claims.exp - claims.iat > self.config.forward_ttl_seconds + 1:
             raise ForwardError("forward lifetime is longer than this KAS accepts")
         if tls_peer is not None and tls_peer.upper() != claims.iss:

@@ -15,6 +15,7 @@ from typing import Literal
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -108,6 +109,7 @@ def ec_unwrap(private_key: ec.EllipticCurvePrivateKey, ephemeral: ec.EllipticCur
 def load_public_key_pem(pem: str | bytes) -> PublicKey:
     """Parse an SPKI PEM (or an X.509 certificate PEM) into an RSA or EC public key."""
     data = pem.encode() if isinstance(pem, str) else pem
+    key: PublicKeyTypes
     if b"BEGIN CERTIFICATE" in data:
         from cryptography import x509
 

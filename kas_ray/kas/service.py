@@ -66,6 +66,7 @@ from kas_ray.ztdf.policy import Policy, verify_binding
 
 if TYPE_CHECKING:
     from kas_ray.federation.broker import Federation
+    from kas_ray.shared.ratelimit import RateLimiter
 
 
 class RewrapCall(BaseModel):
@@ -165,6 +166,7 @@ class RewrapService:
         verifier: TokenVerifier | None = None,
         federation: Federation | None = None,
         clock: Callable[[], float] = time.time,
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
         self.nation = nation.upper()
         self.keys = keys
@@ -179,6 +181,8 @@ class RewrapService:
         #: The canonical URL of this KAS: DPoP proofs must name it (``htu``), whatever Host header came in.
         self.public_url = kas_base_url(public_urls[0]) if public_urls else None
         self.federation = federation
+        #: Per-subject rewrap limits, counted once the token is verified (the HTTP layer adds per-client ones).
+        self.rate_limiter = rate_limiter
         if federation is not None:
             federation.listener = self._on_federation_event
         self._clock = clock
@@ -248,6 +252,8 @@ class RewrapService:
         """Handle one rewrap. Request-level failures raise (401/400); per-KAO failures are results."""
         try:
             verified, proof = await self.authenticate(call)
+            if self.rate_limiter is not None:
+                await self.rate_limiter.check_subject("rewrap", verified.issuer, verified.subject)
             request = self.parse_body(call.body, proof)
             session = _Session(self.client_key(request.client_public_key))
         except KasRayError as exc:
@@ -459,7 +465,7 @@ class RewrapService:
         federation = self.federation
         call = RewrapCall(url=self.public_url or "", body={}, request_id=uuid.uuid4().hex)
         try:
-            claims, body = federation.verify_inbound(message, tls_peer)
+            claims, body = await federation.verify_inbound(message, tls_peer)
             request_id = str(body.get("requestId") or claims.jti)[:128]
             call = call.model_copy(update={"hops": claims.hops, "request_id": request_id})
             if federation.config.debug_delay_seconds:

@@ -9,7 +9,7 @@ never raises: it is a denial with a reason (fail closed).
 from __future__ import annotations
 
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from functools import lru_cache
 
@@ -127,7 +127,7 @@ def _clearance_table(names: dict[str, str]) -> dict[str, str]:
     return table
 
 
-def _fmt(values: object) -> str:
+def _fmt(values: Iterable[object]) -> str:
     return "[" + ", ".join(sorted(str(v) for v in values)) + "]"
 
 

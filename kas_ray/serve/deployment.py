@@ -27,7 +27,8 @@ from kas_ray.kas.service import RewrapCall, RewrapService
 from kas_ray.policy import PolicyEngine
 from kas_ray.serve.actors import ActorKeyBackend, TieredShareCache, get_or_create_actors
 from kas_ray.serve.http import KasHttpApi
-from kas_ray.trust import MemoryReplayStore, ReplayStore, dev_trust_registry
+from kas_ray.shared.wiring import SharedState, build_shared_state
+from kas_ray.trust import ReplayStore, dev_trust_registry
 
 app = FastAPI(
     title="kas-ray nation KAS",
@@ -79,8 +80,12 @@ def build_federation(settings: NationSettings, replay: ReplayStore) -> Federatio
     return Federation(settings.nation, config, FederationKey(key_path, settings.nation), replay=replay)
 
 
-def build_service(settings: NationSettings) -> RewrapService:
-    """Everything a replica needs, wired to the nation's actors."""
+def build_service(settings: NationSettings, shared: SharedState | None = None) -> RewrapService:
+    """Everything a replica needs, wired to the nation's actors (and Redis, when ``settings.redis`` is set).
+
+    With Redis, the share cache is this replica's memory cache in front of the nation's sealed Redis
+    cache, replacing the cache actor for shares (docs/redis.md); the actor still caches public keys.
+    """
     backend_spec = {**settings.key_backend.model_dump(), "state_dir": settings.state_dir, "profile": settings.profile}
     resources = settings.hsm_resources or None
     hsm, cache = get_or_create_actors(settings.nation, backend_spec, resources=resources)
@@ -89,7 +94,8 @@ def build_service(settings: NationSettings) -> RewrapService:
         return get_or_create_actors(settings.nation, backend_spec, resources=resources)[0]
 
     abac = load_yaml(settings.abac_config, AbacConfig) if settings.abac_config else AbacConfig()
-    replay = MemoryReplayStore()
+    shared = shared or build_shared_state(settings)
+    replay = shared.replay
     return RewrapService(
         settings.nation,
         keys=ActorKeyBackend(hsm, settings.nation, cache=cache, timeout=settings.hsm_timeout_seconds,
@@ -97,11 +103,12 @@ def build_service(settings: NationSettings) -> RewrapService:
         trust=load_trust(settings),
         policy=PolicyEngine(abac),
         replay=replay,
-        audit=JsonLinesAuditSink(settings.audit_file()),
+        audit=JsonLinesAuditSink(settings.audit_file(), max_bytes=settings.audit_max_bytes, nation=settings.nation),
         federation=build_federation(settings, replay),
-        cache=TieredShareCache(cache),
+        cache=shared.cache or TieredShareCache(cache),
         public_urls=[settings.public_url],
         limits=settings.limits,
+        rate_limiter=shared.rate_limiter,
     )
 
 
@@ -124,7 +131,8 @@ class NationKAS:
 
     def __init__(self, settings: dict[str, Any] | NationSettings) -> None:
         self.settings = NationSettings.model_validate(settings)
-        self.service = build_service(self.settings)
+        self.shared = build_shared_state(self.settings)
+        self.service = build_service(self.settings, self.shared)
         self.api = KasHttpApi(self.service)
 
     # OpenTDF Connect (unary; JSON or proto)
@@ -173,12 +181,15 @@ class NationKAS:
             return JSONResponse({"nation": self.settings.nation, "federation": "disabled"})
         return JSONResponse(federation.status())
 
-    @app.get("/stats", summary="Cache counters: this replica's cache and the nation's shared cache actor")
+    @app.get("/stats", summary="Cache counters (this replica's, the nation's shared tier), replay and rate limits")
     async def stats(self) -> Response:
         cache = self.service.cache
-        shared = await cache.shared_stats() if isinstance(cache, TieredShareCache) else None
+        shared_stats = getattr(cache, "shared_stats", None)  # TieredShareCache or TwoTierShareCache
+        shared = await shared_stats() if shared_stats is not None else None
         return JSONResponse({"nation": self.settings.nation, "replica_cache": _stats(cache.snapshot()),
-                             "shared_cache": _stats(shared) if shared else None})
+                             "shared_cache": _stats(shared) if shared else None,
+                             "replica": serve.get_replica_context().replica_id.unique_id,
+                             **self.shared.status()})
 
     # Python clients (deployment handles) call these directly: same checks, no HTTP. Errors come back
     # as {"error": {"code", "message"}} envelopes rather than exceptions pickled across processes.

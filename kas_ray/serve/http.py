@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+import math
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -24,6 +25,9 @@ from kas_ray.errors import (
 )
 from kas_ray.kas import proto
 from kas_ray.kas.service import RewrapCall, RewrapService
+
+if TYPE_CHECKING:
+    from kas_ray.shared.ratelimit import RateLimiter
 
 logger = logging.getLogger("kas_ray.http")
 
@@ -74,6 +78,9 @@ def error_response(exc: KasRayError, headers: dict[str, str] | None = None) -> J
     code = code or _STATUS_CODES.get(status, "invalid_argument")
     if status == 503:  # HSM, peer or internal failure: always worth a retry
         headers = {"Retry-After": "1", **(headers or {})}
+    retry_after = getattr(exc, "retry_after", None)  # rate limited (429), shared store down (503)
+    if isinstance(retry_after, int | float):
+        headers = {**(headers or {}), "Retry-After": str(max(1, math.ceil(retry_after)))}
     return JSONResponse({"code": code, "message": exc.message, "error": exc.code}, status_code=status,
                         headers=headers)
 
@@ -82,12 +89,20 @@ def _media_type(request: Request) -> str:
     return request.headers.get("content-type", JSON).split(";", 1)[0].strip().lower() or JSON
 
 
+#: Route handler → endpoint class of the rate limits (docs/redis.md); other handlers are not limited.
+RATE_LIMITED = {"connect_rewrap": "rewrap", "rest_rewrap": "rewrap", "connect_public_key": "public_key",
+                "connect_legacy_public_key": "public_key", "rest_public_key": "public_key"}
+
+
 class KasHttpApi:
     """Request/response handling shared by every route of one nation's KAS."""
 
-    def __init__(self, service: RewrapService, *, max_body_bytes: int | None = None) -> None:
+    def __init__(self, service: RewrapService, *, max_body_bytes: int | None = None,
+                 limiter: RateLimiter | None = None) -> None:
         self.service = service
         self.max_body_bytes = max_body_bytes or service.limits.max_body_bytes
+        #: Per-client-address limits (the service counts per-subject ones once the token is verified).
+        self.limiter = limiter if limiter is not None else service.rate_limiter
 
     # --- body handling ----------------------------------------------------------------------------------
     async def read_body(self, request: Request) -> bytes:
@@ -177,6 +192,9 @@ class KasHttpApi:
     async def guarded(self, handler: Any, *args: Any) -> Response:
         """Run a handler; kas-ray errors become JSON 4xx/503, anything unexpected a logged 503."""
         try:
+            endpoint = RATE_LIMITED.get(getattr(handler, "__name__", ""))
+            if self.limiter is not None and endpoint is not None and args and isinstance(args[0], Request):
+                await self.limiter.check_client(endpoint, args[0].scope)  # type: ignore[arg-type]
             return await handler(*args)
         except KasRayError as exc:
             return error_response(exc)

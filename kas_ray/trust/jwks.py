@@ -44,7 +44,7 @@ _EC_CURVES: dict[str, type[ec.EllipticCurve]] = {
     "ES384": ec.SECP384R1,
     "ES512": ec.SECP521R1,
 }
-_CURVE_ALGS = {curve.name: alg for alg, curve in _EC_CURVES.items()}
+_CURVE_ALGS: dict[str, str] = {curve().name: alg for alg, curve in _EC_CURVES.items()}
 
 
 # --- JWK helpers ------------------------------------------------------------------------------------
@@ -61,7 +61,8 @@ def public_key_from_jwk(jwk: Mapping[str, Any]) -> PublicKey:
     if private:
         raise ValueError(f"JWK contains private key members {private}")
     kty = jwk.get("kty")
-    parser = {"RSA": RSAAlgorithm, "EC": ECAlgorithm}.get(kty) if isinstance(kty, str) else None
+    parsers: dict[str, type[RSAAlgorithm] | type[ECAlgorithm]] = {"RSA": RSAAlgorithm, "EC": ECAlgorithm}
+    parser = parsers.get(kty) if isinstance(kty, str) else None
     if parser is None:
         raise ValueError(f"JWK kty {kty!r} is not RSA or EC")
     try:
