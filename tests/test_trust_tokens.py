@@ -421,6 +421,40 @@ def test_url_jwks_refresh_at_most_once_per_interval(server, clock, ec_key, ec_ke
     assert len(server.requests) == 2
 
 
+class DictDocuments:
+    """Stands in for the nation's cache actor: a shared document store across verifiers (replicas)."""
+
+    def __init__(self) -> None:
+        self.docs: dict[str, bytes] = {}
+
+    def get(self, key: str) -> bytes | None:
+        return self.docs.get(key)
+
+    def put(self, key: str, document: bytes) -> None:
+        self.docs[key] = document
+
+
+def test_shared_jwks_first_load_reuses_a_replicas_fetch_but_refresh_fetches(server, clock, ec_key, ec_key2):
+    server.document = {"keys": [jwk_entry(ec_key, "ec1")]}
+    shared = DictDocuments()
+    registry = make_registry(JwksSource(url=server.url))
+    first = TokenVerifier(registry, clock=clock, shared_jwks=shared)
+    assert first.verify(mint(ec_key)).subject == "alice"
+    second = TokenVerifier(registry, clock=clock, shared_jwks=shared)  # another replica
+    assert second.verify(mint(ec_key)).subject == "alice"
+    assert len(server.requests) == 1 and len(shared.docs) == 1  # the second replica reused the document
+
+    server.document = {"keys": [jwk_entry(ec_key, "ec1"), jwk_entry(ec_key2, "ec2")]}  # rotation at the IdP
+    clock.now += 61
+    fresh = {"iat": int(clock.now), "exp": int(clock.now) + 60}
+    # An unknown kid is never answered from the (stale) shared copy: the pinned URL is fetched again.
+    assert second.verify(mint(ec_key2, kid="ec2", **fresh)).subject == "alice"
+    assert len(server.requests) == 2
+    third = TokenVerifier(registry, clock=clock, shared_jwks=shared)  # a new replica gets the fresh copy
+    assert third.verify(mint(ec_key2, kid="ec2", **fresh)).subject == "alice"
+    assert len(server.requests) == 2
+
+
 def test_concurrent_first_use_fetches_once(server, clock, ec_key):
     server.document = {"keys": [jwk_entry(ec_key, "ec1")]}
     verifier = TokenVerifier(make_registry(JwksSource(url=server.url)), clock=clock)

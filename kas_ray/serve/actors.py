@@ -184,6 +184,28 @@ async def _best_effort(ref: Any, timeout: float = 1.0) -> Any:
         return None
 
 
+class ActorDocuments:
+    """JWKS documents shared through the nation's cache actor (TTL of the JWKS kind).
+
+    Called by the token verifier from its worker thread (``averify`` runs in ``asyncio.to_thread``),
+    never from the event loop, so the bounded ``ray.get`` here blocks no request handling.
+    """
+
+    def __init__(self, actor: Any, *, timeout: float = 1.0) -> None:
+        self._actor = actor
+        self._timeout = timeout
+
+    def get(self, key: str) -> bytes | None:
+        try:
+            value = ray.get(self._actor.get.remote(key), timeout=self._timeout)
+        except _ACTOR_FAILURES:
+            return None
+        return value if isinstance(value, bytes) else None
+
+    def put(self, key: str, document: bytes) -> None:
+        self._actor.put.remote(key, document, CacheKind.JWKS)  # fire and forget: best effort
+
+
 class TieredShareCache(ShareCache):
     """A small per-replica cache in front of the nation's cache actor (saves an actor hop on hits).
 

@@ -25,10 +25,10 @@ from kas_ray.federation.broker import Federation
 from kas_ray.federation.envelope import FederationKey
 from kas_ray.kas.service import RewrapCall, RewrapService
 from kas_ray.policy import PolicyEngine
-from kas_ray.serve.actors import ActorKeyBackend, TieredShareCache, get_or_create_actors
+from kas_ray.serve.actors import ActorDocuments, ActorKeyBackend, TieredShareCache, get_or_create_actors
 from kas_ray.serve.http import KasHttpApi
 from kas_ray.shared.wiring import SharedState, build_shared_state
-from kas_ray.trust import ReplayStore, dev_trust_registry
+from kas_ray.trust import ReplayStore, TokenVerifier, dev_trust_registry
 
 app = FastAPI(
     title="kas-ray nation KAS",
@@ -96,11 +96,13 @@ def build_service(settings: NationSettings, shared: SharedState | None = None) -
     abac = load_yaml(settings.abac_config, AbacConfig) if settings.abac_config else AbacConfig()
     shared = shared or build_shared_state(settings)
     replay = shared.replay
+    trust = load_trust(settings)
     return RewrapService(
         settings.nation,
         keys=ActorKeyBackend(hsm, settings.nation, cache=cache, timeout=settings.hsm_timeout_seconds,
                              reconnect=reconnect),
-        trust=load_trust(settings),
+        trust=trust,
+        verifier=TokenVerifier(trust, shared_jwks=ActorDocuments(cache)),
         policy=PolicyEngine(abac),
         replay=replay,
         audit=JsonLinesAuditSink(settings.audit_file(), max_bytes=settings.audit_max_bytes, nation=settings.nation),

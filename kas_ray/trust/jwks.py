@@ -10,13 +10,14 @@ made-up kids hammer the identity provider.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -151,8 +152,21 @@ def parse_jwks(document: Any) -> tuple[_Entry, ...]:
     return tuple(entries)
 
 
+class SharedDocuments(Protocol):
+    """Where replicas share fetched JWKS documents (the nation's cache actor); best effort, may be slow."""
+
+    def get(self, key: str) -> bytes | None: ...
+
+    def put(self, key: str, document: bytes) -> None: ...
+
+
 class JwksCache:
-    """Thread-safe cache of each trusted issuer's keys, loaded lazily from its pinned source."""
+    """Thread-safe cache of each trusted issuer's keys, loaded lazily from its pinned source.
+
+    With ``shared`` documents, a replica's *first* load of a URL source takes a document another
+    replica already fetched; a refresh for an unknown kid always fetches the pinned URL again (and
+    shares the result), so a rotation is never hidden by a shared copy.
+    """
 
     def __init__(
         self,
@@ -160,7 +174,9 @@ class JwksCache:
         *,
         clock: Callable[[], float] = time.time,
         http_client: httpx.Client | None = None,
+        shared: SharedDocuments | None = None,
     ) -> None:
+        self._shared = shared
         self._registry = registry
         self._clock = clock
         self._http = http_client
@@ -202,18 +218,26 @@ class JwksCache:
         return now < state.last_load or now - state.last_load >= self._registry.jwks_refresh_interval
 
     def _reload(self, issuer: IssuerConfig, state: _IssuerKeys) -> None:
+        first = state.last_load is None
         # Stamped before the attempt: a failing source is retried at the same bounded rate.
         state.last_load = self._clock()
         state.loads += 1
         try:
-            state.entries = parse_jwks(self._read_source(issuer))
+            state.entries = parse_jwks(self._read_source(issuer, prefer_shared=first))
         except _JwksLoadError as exc:
             _log.warning("JWKS of issuer %r could not be loaded: %s", issuer.issuer, exc)
             if not state.entries:
                 raise TokenError(f"signing keys of issuer {issuer.issuer!r} are unavailable") from None
 
-    def _read_source(self, issuer: IssuerConfig) -> Any:
+    def _read_source(self, issuer: IssuerConfig, *, prefer_shared: bool = False) -> Any:
         source = issuer.jwks
+        if source.url is not None and self._shared is not None:
+            key = "jwks:" + hashlib.sha256(source.url.encode()).hexdigest()
+            raw = self._shared.get(key) if prefer_shared else None
+            if raw is None:
+                raw = self._fetch(source.url)
+                self._shared.put(key, raw)
+            return _json_document(raw)
         if source.file is not None:
             try:
                 with source.file.open("rb") as handle:
@@ -224,12 +248,7 @@ class JwksCache:
             raw = self._fetch(source.url)
         else:  # JwksSource guarantees one of file/url; fail closed all the same
             raise _JwksLoadError("no JWKS source configured")
-        if len(raw) > MAX_JWKS_BYTES:
-            raise _JwksLoadError("JWKS document too large")
-        try:
-            return json.loads(raw)
-        except ValueError as exc:
-            raise _JwksLoadError("JWKS document is not JSON") from exc
+        return _json_document(raw)
 
     def _fetch(self, url: str) -> bytes:
         """GET the pinned URL: no redirects (they would un-pin it), bounded time and size."""
@@ -258,6 +277,15 @@ class JwksCache:
             if self._http is None:
                 self._http = httpx.Client(timeout=self._registry.jwks_fetch_timeout, follow_redirects=False)
             return self._http
+
+
+def _json_document(raw: bytes) -> Any:
+    if len(raw) > MAX_JWKS_BYTES:
+        raise _JwksLoadError("JWKS document too large")
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise _JwksLoadError("JWKS document is not JSON") from exc
 
 
 def _select(entries: tuple[_Entry, ...], kid: str | None, alg: str) -> _Entry | None:

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kas_ray.config import IssuerConfig, TrustRegistry
 from kas_ray.errors import KasRayError, TokenError, UntrustedIssuerError
-from kas_ray.trust.jwks import JwksCache
+from kas_ray.trust.jwks import JwksCache, SharedDocuments
 
 #: Longest access token accepted; real ones are a few KiB, anything bigger is abuse.
 MAX_TOKEN_CHARS = 16_384
@@ -193,11 +193,12 @@ class TokenVerifier:
         *,
         clock: Callable[[], float] = time.time,
         http_client: httpx.Client | None = None,
+        shared_jwks: SharedDocuments | None = None,
     ) -> None:
         self.registry = registry
         self._clock = clock
         self._issuers = {issuer.issuer: issuer for issuer in registry.issuers}
-        self.keys = JwksCache(registry, clock=clock, http_client=http_client)
+        self.keys = JwksCache(registry, clock=clock, http_client=http_client, shared=shared_jwks)
 
     def close(self) -> None:
         self.keys.close()
