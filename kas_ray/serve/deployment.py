@@ -27,6 +27,7 @@ from kas_ray.kas.service import RewrapCall, RewrapService
 from kas_ray.policy import PolicyEngine
 from kas_ray.serve.actors import ActorDocuments, ActorKeyBackend, TieredShareCache, get_or_create_actors
 from kas_ray.serve.http import KasHttpApi
+from kas_ray.serve.metrics import BREAKER_GAUGE, MetricsAuditSink
 from kas_ray.shared.wiring import SharedState, build_shared_state
 from kas_ray.trust import ReplayStore, TokenVerifier, dev_trust_registry
 
@@ -97,6 +98,13 @@ def build_service(settings: NationSettings, shared: SharedState | None = None) -
     shared = shared or build_shared_state(settings)
     replay = shared.replay
     trust = load_trust(settings)
+    audit = MetricsAuditSink(
+        JsonLinesAuditSink(settings.audit_file(), max_bytes=settings.audit_max_bytes, nation=settings.nation),
+        settings.nation,
+    )
+    federation = build_federation(settings, replay)
+    for peer in federation.peers if federation else ():
+        audit.breaker.set(BREAKER_GAUGE["closed"], tags={"nation": settings.nation, "peer": peer})
     return RewrapService(
         settings.nation,
         keys=ActorKeyBackend(hsm, settings.nation, cache=cache, timeout=settings.hsm_timeout_seconds,
@@ -105,8 +113,8 @@ def build_service(settings: NationSettings, shared: SharedState | None = None) -
         verifier=TokenVerifier(trust, shared_jwks=ActorDocuments(cache)),
         policy=PolicyEngine(abac),
         replay=replay,
-        audit=JsonLinesAuditSink(settings.audit_file(), max_bytes=settings.audit_max_bytes, nation=settings.nation),
-        federation=build_federation(settings, replay),
+        audit=audit,
+        federation=federation,
         cache=shared.cache or TieredShareCache(cache),
         public_urls=[settings.public_url],
         limits=settings.limits,
