@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 SUDO    = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run demo test lint clean
+.PHONY: run demo test lint clean perf perf-default-proxy
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { \
@@ -39,6 +39,19 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check kas_ray tests perf
 	$(VENV)/bin/bandit -q -c pyproject.toml -r kas_ray
 	$(VENV)/bin/mypy
+
+## perf: the KAS load benchmark on its own local Ray (about 15 min): perf/results/kas.json, its PNGs and
+##   its section of docs/performance.md (Serve with HAProxy ingress; PERF_ARGS adds options, e.g. --quick)
+perf: $(VENV)/.installed-perf
+	$(PY) perf/bench_kas.py --all --serve-mode haproxy $(PERF_ARGS)
+
+## perf-default-proxy: the same with Serve's default Python proxy: perf/results/kas-default-proxy.json
+perf-default-proxy: $(VENV)/.installed-perf
+	$(PY) perf/bench_kas.py --all --serve-mode default --out perf/results/kas-default-proxy.json $(PERF_ARGS)
+
+$(VENV)/.installed-perf: $(STAMP)
+	$(PY) -m pip install -q -e '.[perf]'
+	touch $@
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
