@@ -287,6 +287,40 @@ def start_py_spy(phase: str, seconds: float, out_dir: Path) -> list[tuple[subpro
     return started
 
 
+#: Where a py-spy sample's time goes: the first rule matching a frame, from the innermost frame outwards.
+CATEGORIES: list[tuple[str, Any]] = [
+    ("PyJWT base64 check", lambda f: "_decode_base64url_segment" in f),
+    ("signatures, ECDH, AES", lambda f: any(k in f for k in ("verify (jwt", "sign (jwt", "ecdh", "ec_wrap", "aes_gcm",
+                                                            "generate_private_key", "raw_to_der", "der_to_raw"))),
+    ("audit (hash chain, fsync)", lambda f: "audit.py" in f),
+    ("pydantic", lambda f: "pydantic" in f),
+    ("PyJWT other", lambda f: "jwt/" in f),
+    ("json", lambda f: "json/" in f),
+    ("kas_ray other", lambda f: "kas_ray/" in f),
+    ("Ray actor calls", lambda f: "ray/actor.py" in f or "ActorMethod" in f),
+    ("Ray serialization", lambda f: "serialization" in f or "cloudpickle" in f or "msgpack" in f),
+    ("Serve handles, router", lambda f: "serve/handle" in f or "router" in f),
+    ("FastAPI, Starlette", lambda f: "fastapi" in f or "starlette" in f),
+    ("Serve replica, proxy", lambda f: "serve/_private" in f),
+    ("threads, executor", lambda f: "concurrent/futures" in f or "threading.py" in f),
+    ("asyncio", lambda f: "asyncio" in f),
+]
+
+
+def categorise(stacks: list[tuple[list[str], int]]) -> dict[str, float]:
+    counts: dict[str, int] = {}
+    total = sum(n for _, n in stacks) or 1
+    for frames, n in stacks:
+        name = "other"
+        for frame in reversed(frames):
+            hit = next((label for label, rule in CATEGORIES if rule(frame)), None)
+            if hit:
+                name = hit
+                break
+        counts[name] = counts.get(name, 0) + n
+    return {k: round(v / total, 3) for k, v in sorted(counts.items(), key=lambda kv: -kv[1])}
+
+
 def summarise_py_spy(started: list[tuple[subprocess.Popen[bytes], Path, str]], top: int = 12) -> dict[str, Any]:
     """Per process: samples, and the functions with the most inclusive and self samples."""
     out: dict[str, Any] = {}
@@ -300,6 +334,7 @@ def summarise_py_spy(started: list[tuple[subprocess.Popen[bytes], Path, str]], t
             continue
         inclusive: dict[str, int] = {}
         own: dict[str, int] = {}
+        stacks: list[tuple[list[str], int]] = []
         total = 0
         for line in path.read_text().splitlines():
             stack, _, count_s = line.rpartition(" ")
@@ -308,6 +343,7 @@ def summarise_py_spy(started: list[tuple[subprocess.Popen[bytes], Path, str]], t
             except ValueError:
                 continue
             frames = [f for f in stack.split(";") if f]
+            stacks.append(([_frame_name(f) for f in frames], count))
             total += count
             for frame in set(frames):
                 key = _frame_name(frame)
@@ -315,7 +351,7 @@ def summarise_py_spy(started: list[tuple[subprocess.Popen[bytes], Path, str]], t
             if frames:
                 key = _frame_name(frames[-1])
                 own[key] = own.get(key, 0) + count
-        out[name] = {"samples": total, "profile": str(path),
+        out[name] = {"samples": total, "profile": str(path), "categories": categorise(stacks),
                      "top_inclusive": [(k, round(v / total, 3)) for k, v in
                                        sorted(inclusive.items(), key=lambda kv: -kv[1])[:top * 3]] if total else [],
                      "top_self": [(k, round(v / total, 3)) for k, v in
@@ -634,7 +670,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       help="offered req/s of the slow-peer pair (the target names no rate; default 50)")
     load.add_argument("--search-start", type=float, default=100.0)
     load.add_argument("--search-factor", type=float, default=1.6)
-    load.add_argument("--search-max", type=float, default=1200.0)
+    load.add_argument("--search-max", type=float, default=2000.0)
     load.add_argument("--search-refine", type=int, default=1, help="bisection steps after the first failure")
     load.add_argument("--search-duration", type=float, default=8.0)
     load.add_argument("--search-warmup", type=float, default=3.0)
