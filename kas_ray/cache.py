@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import time
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable
 from enum import StrEnum
@@ -28,6 +29,9 @@ class CacheConfig(BaseModel):
     ttl_seconds: dict[CacheKind, float] = Field(
         default_factory=lambda: {CacheKind.SHARE: 60.0, CacheKind.PUBLIC_KEY: 3600.0, CacheKind.JWKS: 3600.0}
     )
+    #: Each entry lives between (1 - ttl_jitter) x and 1 x its TTL (a fixed fraction per key), so entries
+    #: stored together do not all expire together (a burst of HSM unwraps). Never longer than the TTL.
+    ttl_jitter: float = Field(default=0.2, ge=0.0, lt=1.0)
 
 
 class CacheStats(BaseModel):
@@ -93,6 +97,8 @@ class MemoryCache(ShareCache):
         ttl = self.config.ttl_seconds.get(kind, 60.0) if ttl is None else ttl
         if ttl <= 0:
             return
+        if self.config.ttl_jitter:
+            ttl *= 1.0 - self.config.ttl_jitter * (zlib.crc32(key.encode()) / 0x1_0000_0000)
         self._data[key] = (self._clock() + ttl, value)
         self._data.move_to_end(key)
         while len(self._data) > self.config.max_entries:

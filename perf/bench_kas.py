@@ -665,7 +665,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     load.add_argument("--rate", type=float, default=100.0, help="offered req/s of the target phases")
     load.add_argument("--duration", type=float, default=60.0, help="measured seconds per target phase (max 60)")
     load.add_argument("--warmup", type=float, default=5.0, help="seconds sent before measuring, same rate")
-    load.add_argument("--slow-duration", type=float, default=30.0, help="measured seconds of each slow-peer phase")
+    load.add_argument("--slow-duration", type=float, default=20.0, help="measured seconds of each slow-peer phase")
     load.add_argument("--slow-rate", type=float, default=50.0,
                       help="offered req/s of the slow-peer pair (the target names no rate; default 50)")
     load.add_argument("--search-start", type=float, default=100.0)

@@ -155,7 +155,8 @@ def markdown(results: dict[str, Any], png_rel: dict[str, str], stem: str = "kas"
     from bench_kas import SLOW_PAIR, TARGET_PHASES
 
     s, m, b = results["settings"], results["machine"], results["baselines"]
-    serve_env = ", ".join(f"`{k}={v}`" for k, v in sorted((s.get("serve_env") or {}).items()))
+    serve_env = ", ".join(f"`{k}={v}`" for k, v in sorted((s.get("serve_env") or {}).items())
+                          if not k.startswith("RAY_SERVE_HAPROXY_"))  # private paths and ports of the run
     rsa_runs = ", ".join(f"{r['per_s_wall']:.0f}" for r in b["rsa4096_runs"])
     phases = results["phases"]
     begin, end = markers(stem)
@@ -176,18 +177,18 @@ def markdown(results: dict[str, Any], png_rel: dict[str, str], stem: str = "kas"
         nl = b["noop_at_rate"]["latency_ms"]
         lines.append(f"No-op Serve endpoint at {s['rate']:g} req/s: p50 {_fmt(nl['p50'])} ms, "
                      f"p95 {_fmt(nl['p95'])} ms, p99 {_fmt(nl['p99'])} ms.")
-    lines += ["", "### Targets", "", "| target | measured | met |", "|---|---|---|"]
+    lines += ["", "#### Targets", "", "| target | measured | met |", "|---|---|---|"]
     for c in results.get("targets", []):
         verdict = {True: "yes", False: "**no**", None: "n/a (run shorter than the target's)"}[c["pass"]]
         lines.append(f"| {c['target']} | {c['measured']} | {verdict} |")
     main_names = [n for n in TARGET_PHASES if n in phases]
     if main_names:
-        lines += ["", f"### Scenarios at {s['rate']:g} req/s for {s['duration_s']:g} s "
+        lines += ["", f"#### Scenarios at {s['rate']:g} req/s for {s['duration_s']:g} s "
                   f"(after {s['warmup_s']:g} s of warm-up at the same rate)", ""]
         lines += phase_table(phases, main_names)
     slow_names = [n for n in SLOW_PAIR if n in phases]
     if slow_names:
-        lines += ["", f"### anyOf over two foreign peers, with and without {s['slow_peer']} slowed by "
+        lines += ["", f"#### anyOf over two foreign peers, with and without {s['slow_peer']} slowed by "
                   f"{s['slow_delay_s'] * 1e3:.0f} ms ({s.get('slow_rate', s['rate']):g} req/s, "
                   f"{s['slow_duration_s']:g} s each)", ""]
         lines += phase_table(phases, slow_names)
@@ -195,7 +196,7 @@ def markdown(results: dict[str, Any], png_rel: dict[str, str], stem: str = "kas"
         lines += ["", f"![latency at {s['rate']:g} req/s]({png_rel['rate']})"]
     search = results.get("max_search")
     if search:
-        lines += ["", f"### Maximum throughput ({search['criterion']})", ""]
+        lines += ["", f"#### Maximum throughput ({search['criterion']})", ""]
         ratio = search.get("ratio_warm_to_noop")
         lines.append(f"Warm one-KAS: **{_fmt(search['1kas-warm']['max_rps'])} req/s**; no-op endpoint: "
                      f"**{_fmt(search['noop']['max_rps'])} req/s**; ratio **{_fmt(ratio, 2)}** (target >= 0.7).")

@@ -809,3 +809,22 @@ def test_binding_checked_by_client_too(co: Coalition) -> None:
 
     with pytest.raises(RewrapError):  # a response with two results for one KAO is refused
         KasClient(Duplicating(), "t").rewrap(kao, pol.to_base64())
+
+
+def test_memory_cache_ttl_jitter_spreads_expiry_and_never_exceeds_the_ttl():
+    """Entries stored together expire over [0.8, 1.0] x TTL, so a burst of stores is not a burst of unwraps."""
+    from kas_ray.cache import CacheConfig, CacheKind, MemoryCache
+
+    now = [1000.0]
+    cache = MemoryCache(CacheConfig(ttl_seconds={CacheKind.SHARE: 100.0}), clock=lambda: now[0])
+    keys = [f"share:{i}" for i in range(200)]
+    for key in keys:
+        cache.put(key, b"v", CacheKind.SHARE)
+    lifetimes = []
+    for t in range(79, 101):
+        now[0] = 1000.0 + t + 0.5
+        alive = sum(cache.get(k) is not None for k in keys)
+        lifetimes.append(alive)
+    assert lifetimes[0] == 200  # nothing expires before 0.8 x TTL
+    assert lifetimes[-1] == 0  # nothing outlives the TTL
+    assert len(set(lifetimes)) > 10  # and expiry is spread across the window

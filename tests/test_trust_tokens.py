@@ -607,3 +607,80 @@ _structured = st.builds(lambda header, payload, sig: f"{b64(header)}.{b64(payloa
 def test_garbage_tokens_only_raise_token_error(verifier, token):
     with pytest.raises(TokenError):
         verifier.verify(token)
+
+
+# --- peek_jws: the fast header/claims reader must accept exactly what PyJWT accepts ----------------------
+
+_SEGMENT = st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_=+/. é", max_size=40)
+
+
+def _pyjwt_view(token: str):
+    try:
+        decoded = jwt.api_jwt.decode_complete(token, options={"verify_signature": False})
+    except Exception:
+        return None
+    return decoded["header"], decoded["payload"]
+
+
+def _peek_view(token: str):
+    from kas_ray.errors import TokenError
+    from kas_ray.trust.tokens import peek_jws
+
+    try:
+        return peek_jws(token, TokenError, "access token", 1 << 16)
+    except TokenError:
+        return None
+
+
+def _b64(obj) -> str:
+    import base64
+    import json as _json
+
+    raw = obj if isinstance(obj, bytes) else _json.dumps(obj).encode()
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+@settings(max_examples=400, deadline=None)
+@given(header=_SEGMENT, payload=_SEGMENT, signature=_SEGMENT, pad_h=st.sampled_from(["", "=", "==", "==="]))
+def test_peek_jws_accepts_exactly_what_pyjwt_accepts_random_segments(header, payload, signature, pad_h):
+    """Random header and payload segments: peek_jws reads a token exactly when PyJWT does, and the same way.
+
+    peek_jws does not decode the signature segment (PyJWT checks it when it verifies), so PyJWT is shown
+    the same token with a valid signature segment."""
+    token = f"{header}{pad_h}.{payload}.{signature}"
+    assert _peek_view(token) == _pyjwt_view(f"{header}{pad_h}.{payload}.{_b64(b'signature')}")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    claims=st.dictionaries(st.sampled_from(["iss", "sub", "aud", "exp", "x"]),
+                           st.one_of(st.integers(), st.text(max_size=8), st.lists(st.integers(), max_size=2)),
+                           max_size=4),
+    mutation=st.sampled_from(["none", "pad1", "pad2", "pad3", "plus", "slash", "space", "trailing-bit",
+                              "dot", "two-parts", "four-parts", "non-object"]),
+)
+def test_peek_jws_matches_pyjwt_on_mutated_well_formed_tokens(claims, mutation):
+    """Near-valid tokens (padding, alphabet, non-canonical last character, segment count): same verdict."""
+    h, p, s = _b64({"alg": "ES256", "typ": "JWT"}), _b64(claims), _b64(b"\x01" * 64)
+    if mutation == "pad1":
+        p += "="
+    elif mutation == "pad2":
+        p += "=="
+    elif mutation == "pad3":
+        p += "==="
+    elif mutation == "plus":
+        p = p[:-1] + "+"
+    elif mutation == "slash":
+        p = "/" + p[1:]
+    elif mutation == "space":
+        p = p + " "
+    elif mutation == "trailing-bit" and len(p) % 4 in (2, 3):
+        last = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_".index(p[-1])
+        p = p[:-1] + "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"[last ^ 1]
+    elif mutation == "dot":
+        p = p + "."
+    elif mutation == "non-object":
+        p = _b64([1, 2])
+    token = {"two-parts": f"{h}.{p}", "four-parts": f"{h}.{p}.{s}.{s}"}.get(mutation, f"{h}.{p}.{s}")
+    pyjwt_view = _pyjwt_view(token)
+    assert _peek_view(token) == pyjwt_view

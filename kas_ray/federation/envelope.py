@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kas_ray.errors import KasRayError
 from kas_ray.trust.jwks import public_jwk, public_key_from_jwk
+from kas_ray.trust.tokens import peek_jws
 
 FORWARD_TYP = "kas-forward+jwt"
 RESULT_TYP = "kas-result+jwt"
@@ -111,10 +112,9 @@ _C = TypeVar("_C", ForwardClaims, ResultClaims)
 def _verify(token: str, keys: Mapping[str, dict[str, str]], typ: str, audience: str, now: float) -> dict[str, Any]:
     if not isinstance(token, str) or len(token) > MAX_MESSAGE_CHARS:
         raise ForwardError("signature is missing or too large")
-    try:
-        header = jwt.get_unverified_header(token)
-        unverified = jwt.decode(token, options={"verify_signature": False})
-    except jwt.PyJWTError:
+    try:  # read to pick the signer's key; the jwt.decode below parses and checks the whole JWS
+        header, unverified = peek_jws(token, ForwardError, "signature", MAX_MESSAGE_CHARS)
+    except ForwardError:
         raise ForwardError("signature is not a well-formed JWS") from None
     if header.get("typ") != typ or header.get("alg") != _ALG:
         raise ForwardError(f"unexpected signature type or algorithm (want {typ}, {_ALG})")
@@ -217,4 +217,4 @@ def verify_result(message: Mapping[str, Any], *, me: str, peer: str, nonce: str,
 
 def forward_nonce(message: Mapping[str, str]) -> str:
     """The nonce of a forward we signed (read back without verification: it is our own)."""
-    return str(jwt.decode(message["envelope"], options={"verify_signature": False})["jti"])
+    return str(peek_jws(message["envelope"], ForwardError, "forward", MAX_MESSAGE_CHARS)[1]["jti"])

@@ -31,7 +31,7 @@ from kas_ray.trust.jwks import (
     public_key_from_jwk,
 )
 from kas_ray.trust.replay import ReplayStore
-from kas_ray.trust.tokens import decode_unverified, numeric_date, verified_payload
+from kas_ray.trust.tokens import numeric_date, peek_header, verified_payload
 
 DPOP_TYP = "dpop+jwt"
 #: A proof is a small JWT with one public key; anything bigger is abuse.
@@ -111,7 +111,7 @@ def _check_proof(
     now: float,
 ) -> DPoPProof:
     """Every check of a proof except the replay check, which needs the (sync or async) store."""
-    header = decode_unverified(proof, DPoPError, "DPoP proof", MAX_PROOF_CHARS)["header"]
+    header = peek_header(proof, DPoPError, "DPoP proof", MAX_PROOF_CHARS)  # verified_payload parses it all
     if header.get("typ") != DPOP_TYP:
         raise DPoPError(f"DPoP proof header 'typ' must be {DPOP_TYP!r}")
     alg = header.get("alg")

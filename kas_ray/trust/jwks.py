@@ -194,6 +194,13 @@ class JwksCache:
         """How many times the issuer's source was read (observability and tests)."""
         return self._issuers[issuer].loads
 
+    def cached_key(self, issuer: IssuerConfig, kid: str | None, alg: str) -> PublicKey | None:
+        """The key :meth:`key_for` would return when it is already loaded (None: it may need a load).
+
+        Never loads, never blocks; TokenError, as :meth:`key_for`, for a key present but unfit for ``alg``.
+        """
+        return entry.key if (entry := _select(self._issuers[issuer.issuer].entries, kid, alg)) else None
+
     def key_for(self, issuer: IssuerConfig, kid: str | None, alg: str) -> PublicKey:
         """The issuer's key for ``kid`` usable with ``alg``; TokenError when there is none."""
         state = self._issuers[issuer.issuer]

@@ -15,7 +15,7 @@ import jwt
 from kas_ray.config import ALLOWED_TOKEN_ALGORITHMS
 from kas_ray.errors import SignedRequestError
 from kas_ray.trust.jwks import PrivateKey, check_key_for_alg, default_alg, public_key_from_jwk
-from kas_ray.trust.tokens import decode_unverified, numeric_date, verified_payload
+from kas_ray.trust.tokens import decode_unverified, numeric_date, peek_header, verified_payload
 
 #: A rewrap request with many key access objects stays far below this.
 MAX_SRT_CHARS = 1 << 20
@@ -44,11 +44,16 @@ def verify_signed_request(
     ``iat`` must lie within ``max_age_seconds`` of now (either side); ``exp``, when present, must
     not have passed (``leeway_seconds`` tolerates client clock skew).
     """
-    decoded = decode_unverified(srt, SignedRequestError, "signed request token", MAX_SRT_CHARS)
-    alg = decoded["header"].get("alg")
+    if dpop_jwk is None:
+        decoded = decode_unverified(srt, SignedRequestError, "signed request token", MAX_SRT_CHARS)
+        header, claims = decoded["header"], decoded["payload"]
+    else:  # the header picks the check; _verified_claims parses (and checks) the whole token once
+        header = peek_header(srt, SignedRequestError, "signed request token", MAX_SRT_CHARS)
+    alg = header.get("alg")
     if alg not in ALLOWED_TOKEN_ALGORITHMS:
         raise SignedRequestError(f"signed request token alg {str(alg)[:20]!r} is not allowed")
-    claims = decoded["payload"] if dpop_jwk is None else _verified_claims(srt, alg, dpop_jwk)
+    if dpop_jwk is not None:
+        claims = _verified_claims(srt, alg, dpop_jwk)
 
     now = clock()
     iat = numeric_date(claims, "iat", SignedRequestError, required=True)

@@ -11,6 +11,9 @@ Error messages never contain the token.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import json
 import math
 import re
 import time
@@ -61,6 +64,66 @@ def numeric_date(claims: Mapping[str, Any], name: str, error: type[KasRayError],
     if not 0 <= value <= MAX_NUMERIC_DATE:
         raise error(f"claim {name!r} is out of range")
     return float(value)
+
+
+_B64URL = re.compile(rb"[A-Za-z0-9_-]*")
+
+
+def _b64url_segment(segment: bytes) -> bytes:
+    """One JWS segment under PyJWT's strict rules (``PyJWS._decode_base64url_segment``): at most two
+    ``=`` and only on a length that is a multiple of 4, the URL-safe alphabet only, canonical
+    encoding. One regex instead of PyJWT's Python loop over every character. ValueError otherwise."""
+    stripped = segment.rstrip(b"=")
+    padding = len(segment) - len(stripped)
+    if padding > 2 or (padding and len(segment) % 4) or len(stripped) % 4 == 1 or not _B64URL.fullmatch(stripped):
+        raise ValueError("invalid base64url segment")
+    try:
+        decoded = base64.urlsafe_b64decode(stripped + b"=" * (-len(stripped) % 4))
+    except binascii.Error:
+        raise ValueError("invalid base64url segment") from None
+    if base64.urlsafe_b64encode(decoded).rstrip(b"=") != stripped:
+        raise ValueError("non-canonical base64url segment")
+    return decoded
+
+
+def _peek(token: object, error: type[KasRayError], what: str, max_chars: int,
+          payload: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    if not isinstance(token, str) or not token:
+        raise error(f"no {what}")
+    if len(token) > max_chars:
+        raise error(f"{what} is longer than {max_chars} characters")
+    try:
+        parts = token.encode("utf-8").split(b".")
+        if len(parts) != 3:
+            raise ValueError("not three segments")
+        header = json.loads(_b64url_segment(parts[0]))
+        claims = json.loads(_b64url_segment(parts[1])) if payload else {}
+    except (ValueError, UnicodeError, RecursionError):
+        raise error(f"{what} is not a well-formed JWT") from None
+    if not isinstance(header, dict) or not isinstance(claims, dict):
+        raise error(f"{what} is not a well-formed JWT")
+    unsupported = sorted(_UNSUPPORTED_HEADERS & set(header))
+    if unsupported:
+        raise error(f"{what} uses unsupported header parameters {unsupported}")
+    return header, claims
+
+
+def peek_header(token: object, error: type[KasRayError], what: str, max_chars: int) -> dict[str, Any]:
+    """The header of a compact JWS, read to choose how to verify it; see :func:`peek_jws`."""
+    return _peek(token, error, what, max_chars, False)[0]
+
+
+def peek_jws(token: object, error: type[KasRayError], what: str,
+             max_chars: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Header and claims of a compact JWS, read to choose how to verify it.
+
+    Nothing is verified and the signature segment is not decoded: only for a token that the caller
+    then verifies with PyJWT (which re-checks every segment), so that PyJWT parses each token once
+    instead of twice (its per-character base64url check is the costly part). Same shape rules as
+    :func:`decode_unverified`: three segments, PyJWT's strict base64url rules, JSON objects, no
+    unsupported header parameters; ``error`` otherwise.
+    """
+    return _peek(token, error, what, max_chars, True)
 
 
 def decode_unverified(token: object, error: type[KasRayError], what: str, max_chars: int) -> dict[str, Any]:
@@ -210,13 +273,22 @@ class TokenVerifier:
         self.close()
 
     async def averify(self, token: str) -> VerifiedToken:
-        """:meth:`verify` off the event loop (a JWKS refresh does blocking HTTP)."""
-        return await asyncio.to_thread(self.verify, token)
+        """:meth:`verify`, on the event loop when the issuer's key is already loaded (no I/O can
+        happen then), else in a worker thread (loading a JWKS does blocking HTTP or a cache-actor call)."""
+        issuer, kid, alg = self._route(token)
+        key = self.keys.cached_key(issuer, kid, alg)
+        if key is None:
+            return await asyncio.to_thread(self.verify, token)
+        return self._finish(token, key, alg, issuer)
 
     def verify(self, token: str) -> VerifiedToken:
         """Verify signature, issuer, audience and times; TokenError (or UntrustedIssuerError) if not."""
-        unverified = decode_unverified(token, TokenError, "access token", MAX_TOKEN_CHARS)
-        header, payload = unverified["header"], unverified["payload"]
+        issuer, kid, alg = self._route(token)
+        return self._finish(token, self.keys.key_for(issuer, kid, alg), alg, issuer)
+
+    def _route(self, token: str) -> tuple[IssuerConfig, str | None, str]:
+        """The trusted issuer, ``kid`` and ``alg`` of a token, from its unverified header and ``iss``."""
+        header, payload = peek_jws(token, TokenError, "access token", MAX_TOKEN_CHARS)
         iss = payload.get("iss")
         issuer = self._issuers.get(iss) if isinstance(iss, str) else None
         if issuer is None:
@@ -227,7 +299,9 @@ class TokenVerifier:
         kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):
             raise TokenError("token header 'kid' must be a string")
-        key = self.keys.key_for(issuer, kid, alg)
+        return issuer, kid, alg
+
+    def _finish(self, token: str, key: Any, alg: str, issuer: IssuerConfig) -> VerifiedToken:
         claims = self._decode(token, key, alg, issuer)
         self._check_times(claims)
         return self._verified(claims, issuer)
