@@ -216,6 +216,10 @@ class TrustRegistry(_Model):
     dpop: DPoPConfig = Field(default_factory=DPoPConfig)
     #: Accepted age of a signed request token (seconds).
     signed_request_max_age_seconds: int = Field(default=300, gt=0, le=3600)
+    #: A verified access token is remembered (by its SHA-256) this long, so a client reusing its token
+    #: does not cost a signature check per request; times are re-checked on every use. It bounds how long
+    #: a token signed by a key since removed from the issuer's JWKS is still honoured. 0 = no cache.
+    verified_token_cache_seconds: float = Field(default=60.0, ge=0, le=600)
 
     @model_validator(mode="after")
     def _profile_rules(self) -> TrustRegistry:
@@ -394,6 +398,11 @@ class FederationConfig(_Model):
     peer_timeout_seconds: float = Field(default=5.0, gt=0)
     #: Overall budget of a brokered rewrap; propagated to peers in the signed envelope.
     deadline_seconds: float = Field(default=10.0, gt=0)
+    #: anyOf with a local alternative: a forward whose splits this KAS can release itself starts only
+    #: when a local decision on them is not a permit, or after this many seconds without one (a hedge
+    #: against a slow HSM). A local permit on a cache hit takes milliseconds, so most forwards are never
+    #: sent: a peer is asked only when it can change the answer. None = forward at once, as for allOf.
+    local_first_seconds: float | None = Field(default=0.05, ge=0, le=10)
     breaker: BreakerConfig = Field(default_factory=BreakerConfig)
     #: Testing and benchmarks only: delay this KAS adds before answering a forward.
     debug_delay_seconds: float = Field(default=0.0, ge=0, le=60)

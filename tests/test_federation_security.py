@@ -282,6 +282,74 @@ def test_denial_at_a_peer_is_a_per_kao_forbidden_result(co: Coalition) -> None:
         decrypt(io.BytesIO(out.getvalue()), io.BytesIO(), HomeKasClient(co.transport, token, home=co.url("FRA")))
 
 
+# --- anyOf with a local alternative: local first, peers only when they can change the answer -----------
+def _alternatives(co: Coalition, pol: Policy, secret: bytes, nations: Iterable[str]) -> dict[str, KeyAccessObject]:
+    """KAOs of one split (anyOf): the same share wrapped to each nation."""
+    sid = uuid.uuid4().hex[:12]
+    return {n.lower(): wrap_share(co.kas_key(n), secret, pol.to_base64(), sid=sid) for n in nations}
+
+
+@pytest.fixture
+def hedge(co: Coalition) -> Iterator[Callable[[float | None], None]]:
+    """Sets FRA's local-first hedge delay for one test."""
+    federation, original = co.fed("FRA"), co.fed("FRA").config
+
+    def set_delay(seconds: float | None) -> None:
+        federation.config = original.model_copy(update={"local_first_seconds": seconds})
+
+    yield set_delay
+    federation.config = original
+
+
+def test_any_of_released_locally_sends_no_forward(co: Coalition, hedge: Callable[[float | None], None]) -> None:
+    hedge(5.0)
+    pol, secret = policy(), share()
+    call = home_call(co, "FRA", co.token("FRA", "bob", "SECRET DEFENSE"), pol,
+                     _alternatives(co, pol, secret, ["FRA", "USA", "GBR"]))
+    started = time.perf_counter()
+    _, results = rewrap(co.services["FRA"], call)
+    assert time.perf_counter() - started < 2.0  # nobody waited for the 5 s hedge
+    assert client().unwrap(_, results["fra"]) == secret
+    assert results["usa"].status == results["gbr"].status == "fail" and "not needed" in (results["usa"].error or "")
+    # The peers never saw the request: no record at USA or GBR, and FRA audited why.
+    assert co.events(call.request_id, "USA") == [] and co.events(call.request_id, "GBR") == []
+    held = co.events(call.request_id, "FRA", AuditAction.FORWARD_CANCELLED)
+    assert sorted(e.peer for e in held) == ["GBR", "USA"]
+    assert {tuple(e.reasons) for e in held} == {("not forwarded: released locally first",)}
+
+
+def test_any_of_local_failure_forwards_at_once(co: Coalition, hedge: Callable[[float | None], None]) -> None:
+    """The local KAO cannot be unwrapped (a corrupted wrapped key): the peer is asked without waiting."""
+    hedge(5.0)
+    pol, secret = policy(), share()
+    kaos = _alternatives(co, pol, secret, ["FRA", "USA"])
+    broken = bytearray(base64.b64decode(kaos["fra"].wrapped_key))
+    broken[10] ^= 1
+    kaos["fra"] = kaos["fra"].model_copy(update={"wrapped_key": base64.b64encode(bytes(broken)).decode()})
+    call = home_call(co, "FRA", co.token("FRA", "bob", "SECRET DEFENSE"), pol, kaos)
+    started = time.perf_counter()
+    response, results = rewrap(co.services["FRA"], call)
+    assert time.perf_counter() - started < 2.0
+    assert results["fra"].status == "fail" and client().unwrap(response, results["usa"]) == secret
+    assert [e.action for e in co.events(call.request_id, "USA")] == [AuditAction.KEY_RELEASED]
+
+
+def test_any_of_without_hedge_asks_every_alternative(co: Coalition, hedge: Callable[[float | None], None]) -> None:
+    """local_first_seconds None: every alternative is asked at once, the first permit wins."""
+    hedge(None)
+    pol, secret = policy(), share()
+    call = home_call(co, "FRA", co.token("FRA", "bob", "SECRET DEFENSE"), pol,
+                     _alternatives(co, pol, secret, ["FRA", "USA"]))
+    response, results = rewrap(co.services["FRA"], call)
+    permits = [k for k, r in results.items() if r.status == "permit"]  # the local work is never cancelled
+    assert permits and all(client().unwrap(response, results[k]) == secret for k in permits)
+    # Sent: answered, or cancelled (or both, when its answer was on the way as the local permit came).
+    sent = co.events(call.request_id, "FRA", AuditAction.FORWARD_CANCELLED) + \
+        co.events(call.request_id, "FRA", AuditAction.FORWARD_RESULT)
+    assert {e.peer for e in sent} == {"USA"} and len(sent) in (1, 2)
+    assert all(e.reasons != ["not forwarded: released locally first"] for e in sent)
+
+
 def test_local_transport_kind_needs_a_transport(co: Coalition) -> None:
     config = co.fed("FRA").config
     assert {p.transport for p in config.peers} == {"local"}

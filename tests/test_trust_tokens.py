@@ -684,3 +684,40 @@ def test_peek_jws_matches_pyjwt_on_mutated_well_formed_tokens(claims, mutation):
     token = {"two-parts": f"{h}.{p}", "four-parts": f"{h}.{p}.{s}.{s}"}.get(mutation, f"{h}.{p}.{s}")
     pyjwt_view = _pyjwt_view(token)
     assert _peek_view(token) == pyjwt_view
+
+
+# --- verified-token memory -----------------------------------------------------------------------------
+def test_verified_token_is_remembered_for_a_bounded_time(jwks_file, clock, ec_key, ec_key2):
+    """A reused token costs no second signature check, for verified_token_cache_seconds at most: a key
+    removed from the issuer's JWKS stops being honoured by then, and times are re-checked on every use."""
+    registry = make_registry(JwksSource(file=jwks_file)).model_copy(update={"verified_token_cache_seconds": 120})
+    verifier = TokenVerifier(registry, clock=clock)
+    token, short = mint(ec_key, exp=int(NOW) + 3000), mint(ec_key, sub="bob", exp=int(NOW) + 20)
+    assert verifier.verify(token).subject == "alice" and verifier.verify(short).subject == "bob"
+    jwks_file.write_text(json.dumps({"keys": [jwk_entry(ec_key2, "ec2")]}))  # ec1 rotated out
+    clock.now += 61  # past the JWKS refresh interval: a token of the new key makes the verifier read it
+    assert verifier.verify(mint(ec_key2, kid="ec2", iat=int(clock.now), exp=int(clock.now) + 300))
+    assert verifier.keys.load_count(ISS) == 2
+    with pytest.raises(TokenError, match="unknown kid"):  # a new ec1 token: ec1 is gone
+        verifier.verify(mint(ec_key, sub="carol", iat=int(clock.now), exp=int(clock.now) + 300))
+    assert verifier.verify(token).subject == "alice"  # remembered (verified 61 s ago)
+    with pytest.raises(TokenError, match="expired"):  # remembered, but its exp (+ leeway 30 s) has passed
+        asyncio.run(verifier.averify(short))
+    tampered = token[:-3] + ("AAA" if not token.endswith("AAA") else "BBB")
+    with pytest.raises(TokenError):  # another string is another token: verified from scratch
+        verifier.verify(tampered)
+    clock.now += 60  # 121 s after the first verification: forgotten, and ec1 is gone
+    with pytest.raises(TokenError, match="unknown kid"):
+        verifier.verify(token)
+
+
+def test_verified_token_memory_can_be_disabled(jwks_file, clock, ec_key, ec_key2):
+    registry = make_registry(JwksSource(file=jwks_file)).model_copy(update={"verified_token_cache_seconds": 0})
+    verifier = TokenVerifier(registry, clock=clock)
+    token = mint(ec_key, exp=int(NOW) + 3000)
+    assert verifier.verify(token).subject == "alice"
+    jwks_file.write_text(json.dumps({"keys": [jwk_entry(ec_key2, "ec2")]}))
+    clock.now += 61
+    assert verifier.verify(mint(ec_key2, kid="ec2", iat=int(clock.now), exp=int(clock.now) + 300))
+    with pytest.raises(TokenError, match="unknown kid"):  # checked again at once
+        verifier.verify(token)

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
+import inspect
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -63,6 +65,8 @@ from kas_ray.trust import (
 from kas_ray.ztdf.keyaccess import decode_wrapped_key
 from kas_ray.ztdf.manifest import KeyAccessObject
 from kas_ray.ztdf.policy import Policy, verify_binding
+
+_T = TypeVar("_T")
 
 if TYPE_CHECKING:
     from kas_ray.federation.broker import Federation
@@ -339,8 +343,19 @@ class RewrapService:
         pending: dict[asyncio.Task[list[KaoResult]], tuple[str, list[KaoRequest]]] = {}
         for item in local:
             pending[asyncio.ensure_future(self._kao_batch(ctx, work, item))] = (self.nation, [item])
+        # Local first: a forward that only duplicates splits we hold waits until we fail one of them
+        # (or for the hedge delay); the others start at once.
+        local_splits = {split[i.key_access_object_id] for i in local}
+        hedge = self.federation.config.local_first_seconds
+        local_failed = asyncio.Event()
+        held: set[str] = set()  # forwards not sent (yet)
         for nation, items in groups.items():
-            pending[asyncio.ensure_future(self._forward(ctx, req, work, nation, items))] = (nation, items)
+            covered = hedge is not None and {split[i.key_access_object_id] for i in items} <= local_splits
+            forward = self._forward(ctx, req, work, nation, items)
+            if covered:
+                held.add(nation)
+                forward = _after(local_failed, hedge, forward, on_start=functools.partial(held.discard, nation))
+            pending[asyncio.ensure_future(forward)] = (nation, items)
         try:
             while pending:
                 timeout = ctx.deadline - self._clock()
@@ -349,13 +364,20 @@ class RewrapService:
                 if not done:
                     break
                 for task in done:
-                    pending.pop(task)
-                    absorb(task.result())
+                    nation, _items = pending.pop(task)
+                    batch = task.result()
+                    absorb(batch)
+                    if nation == self.nation and any(r.status != "permit" for r in batch):
+                        local_failed.set()
                 for task, (nation, items) in list(pending.items()):
                     if nation != self.nation and not needed(items):
-                        task.cancel()  # the transport cancels the call at the peer
                         pending.pop(task)
-                        absorb(self._unneeded(ctx, work, nation, items))
+                        reason = ("not forwarded: released locally first" if nation in held
+                                  else "another KAS released these splits first")
+                        # The transport cancels the call at the peer. (A forward whose answer was on its way
+                        # may still complete: _forward then audits its result after this record.)
+                        task.cancel()
+                        absorb(self._unneeded(ctx, work, nation, items, audit=reason))
         finally:
             for task, (nation, items) in pending.items():  # deadline passed (or we were cancelled)
                 task.cancel()
@@ -400,9 +422,11 @@ class RewrapService:
             out.append(result)
         return out
 
-    def _unneeded(self, ctx: _Request, work: _PolicyWork, nation: str, items: list[KaoRequest]) -> list[KaoResult]:
-        self._audit_federation(ctx, work, AuditAction.FORWARD_CANCELLED, nation,
-                               ["another KAS released these splits first"], time.perf_counter())
+    def _unneeded(self, ctx: _Request, work: _PolicyWork, nation: str, items: list[KaoRequest], *,
+                  audit: str | None = "another KAS released these splits first") -> list[KaoResult]:
+        """Per-KAO results for a forward whose splits were released elsewhere (``audit``: why it was cancelled)."""
+        if audit is not None:
+            self._audit_federation(ctx, work, AuditAction.FORWARD_CANCELLED, nation, [audit], time.perf_counter())
         return [KaoResult(key_access_object_id=i.key_access_object_id, status="fail",
                           error=f"not needed: another KAS released split {i.key_access_object.split_id or '0'}")
                 for i in items]
@@ -576,3 +600,24 @@ def _subject(verified: VerifiedToken) -> Subject:
     return Subject(subject=verified.subject, issuer=verified.issuer, clearance=verified.clearance,
                    clearance_system=verified.clearance_system, nationality=verified.nationality,
                    coi=verified.coi, issuer_nations=verified.issuer_nations)
+
+
+async def _after(event: asyncio.Event, delay: float | None, work: Awaitable[_T], on_start: Callable[[], None]) -> _T:
+    """Run ``work`` once ``event`` is set or ``delay`` seconds passed (a hedged request).
+
+    Cancelled before it starts, ``work`` never runs (its coroutine is closed, so nothing is sent)."""
+    try:
+        await asyncio.wait_for(event.wait(), delay)
+    except TimeoutError:
+        pass
+    except BaseException:
+        if inspect.iscoroutine(work):
+            work.close()
+        raise
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():  # cancelled as the wait ended: still nothing is sent
+        if inspect.iscoroutine(work):
+            work.close()
+        raise asyncio.CancelledError
+    on_start()
+    return await work

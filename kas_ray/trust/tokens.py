@@ -13,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import json
 import math
 import re
+import threading
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -67,6 +69,8 @@ def numeric_date(claims: Mapping[str, Any], name: str, error: type[KasRayError],
 
 
 _B64URL = re.compile(rb"[A-Za-z0-9_-]*")
+#: Bound of TokenVerifier's verified-token memory (distinct live tokens of one replica).
+_VERIFIED_TOKENS_MAX = 10_000
 
 
 def _b64url_segment(segment: bytes) -> bytes:
@@ -262,6 +266,9 @@ class TokenVerifier:
         self._clock = clock
         self._issuers = {issuer.issuer: issuer for issuer in registry.issuers}
         self.keys = JwksCache(registry, clock=clock, http_client=http_client, shared=shared_jwks)
+        #: SHA-256 of a token → (when it was verified, its claims, the result); see TrustRegistry.
+        self._verified_tokens: dict[bytes, tuple[float, dict[str, Any], VerifiedToken]] = {}
+        self._verified_lock = threading.Lock()
 
     def close(self) -> None:
         self.keys.close()
@@ -275,6 +282,8 @@ class TokenVerifier:
     async def averify(self, token: str) -> VerifiedToken:
         """:meth:`verify`, on the event loop when the issuer's key is already loaded (no I/O can
         happen then), else in a worker thread (loading a JWKS does blocking HTTP or a cache-actor call)."""
+        if (known := self._remembered(token)) is not None:
+            return known
         issuer, kid, alg = self._route(token)
         key = self.keys.cached_key(issuer, kid, alg)
         if key is None:
@@ -283,8 +292,36 @@ class TokenVerifier:
 
     def verify(self, token: str) -> VerifiedToken:
         """Verify signature, issuer, audience and times; TokenError (or UntrustedIssuerError) if not."""
+        if (known := self._remembered(token)) is not None:
+            return known
         issuer, kid, alg = self._route(token)
         return self._finish(token, self.keys.key_for(issuer, kid, alg), alg, issuer)
+
+    def _remembered(self, token: str) -> VerifiedToken | None:
+        """The result of an earlier verification of exactly this token, its times checked again now."""
+        ttl = self.registry.verified_token_cache_seconds
+        if not ttl or not isinstance(token, str) or len(token) > MAX_TOKEN_CHARS:
+            return None
+        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        entry = self._verified_tokens.get(digest)
+        if entry is None:
+            return None
+        verified_at, claims, result = entry
+        if self._clock() - verified_at > ttl:
+            with self._verified_lock:
+                self._verified_tokens.pop(digest, None)
+            return None
+        self._check_times(claims)  # an expired token stays expired, whatever the cache holds
+        return result
+
+    def _remember(self, token: str, claims: dict[str, Any], result: VerifiedToken) -> None:
+        if not self.registry.verified_token_cache_seconds:
+            return
+        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        with self._verified_lock:
+            if len(self._verified_tokens) >= _VERIFIED_TOKENS_MAX:
+                self._verified_tokens.clear()  # rare (that many live tokens): start over, stay bounded
+            self._verified_tokens[digest] = (self._clock(), claims, result)
 
     def _route(self, token: str) -> tuple[IssuerConfig, str | None, str]:
         """The trusted issuer, ``kid`` and ``alg`` of a token, from its unverified header and ``iss``."""
@@ -304,7 +341,9 @@ class TokenVerifier:
     def _finish(self, token: str, key: Any, alg: str, issuer: IssuerConfig) -> VerifiedToken:
         claims = self._decode(token, key, alg, issuer)
         self._check_times(claims)
-        return self._verified(claims, issuer)
+        result = self._verified(claims, issuer)
+        self._remember(token, claims, result)
+        return result
 
     def _decode(self, token: str, key: Any, alg: str, issuer: IssuerConfig) -> dict[str, Any]:
         try:
