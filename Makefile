@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 SUDO    = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run demo test lint clean perf perf-default-proxy
+.PHONY: run demo test lint fuzz clean perf perf-default-proxy perf-autoscale
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { \
@@ -25,6 +25,7 @@ demo: run
 ## test: install what the tests need and run the whole suite
 ##   (as root on Debian/Ubuntu also an opencryptoki token for the PKCS#11 tests; they skip without one)
 ##   (and redis-server, through apt where missing, for the shared-state tests; they skip without it)
+##   (and the prometheus binary, taken from Debian's package into the venv, for the scrape test; it skips without)
 test: $(STAMP) lint
 	@if [ "$$(id -u)" = 0 ] && [ -f /etc/debian_version ] && command -v apt-get >/dev/null; then \
 	  PYTHON=$(PY) bash scripts/setup-opencryptoki.sh || echo "no PKCS#11 token: those tests will skip"; fi
@@ -32,6 +33,8 @@ test: $(STAMP) lint
 	  echo "installing redis-server (Debian/Ubuntu) for the shared-state tests"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server; } \
 	  || echo "no redis-server: the Redis tests will skip"
+	@command -v prometheus >/dev/null || [ -x $(VENV)/bin/prometheus ] || \
+	  SUDO=$(SUDO) bash scripts/fetch-prometheus.sh $(VENV)/bin || echo "no prometheus: the Prometheus test will skip"
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 ## lint: ruff, bandit and mypy (strict on the core modules; config in pyproject.toml); `make test` runs it first
@@ -40,10 +43,23 @@ lint: $(STAMP)
 	$(VENV)/bin/bandit -q -c pyproject.toml -r kas_ray
 	$(VENV)/bin/mypy
 
+## fuzz: the fuzz suites with large bounds (CI runs the same tests with small ones): schemathesis over every
+##   route of a live KAS and hypothesis with valid credentials over mutated rewrap bodies (tests/test_fuzz_http.py),
+##   every parser (tests/test_fuzz_parsers.py), the Connect codec (tests/test_proto.py). FUZZ_EXAMPLES per test.
+FUZZ_EXAMPLES ?= 1000
+fuzz: $(STAMP)
+	KAS_RAY_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) KAS_RAY_PROTO_EXAMPLES=$$(( 10 * $(FUZZ_EXAMPLES) )) $(PY) -m pytest -q \
+	  --timeout 3600 tests/test_fuzz_parsers.py tests/test_proto.py tests/test_fuzz_http.py $(PYTEST_ARGS)
+
 ## perf: the KAS load benchmark on its own local Ray (about 15 min): perf/results/kas.json, its PNGs and
 ##   its section of docs/performance.md (Serve with HAProxy ingress; PERF_ARGS adds options, e.g. --quick)
 perf: $(VENV)/.installed-perf
 	$(PY) perf/bench_kas.py --all --serve-mode haproxy $(PERF_ARGS)
+
+## perf-autoscale: one KAS with deployments/local.yaml's autoscaling under a low-high-low load (about 5 min):
+##   perf/results/autoscale.json and .png (replicas rising and falling, latency per second)
+perf-autoscale: $(VENV)/.installed-perf
+	$(PY) perf/bench_autoscale.py $(PERF_ARGS)
 
 ## perf-default-proxy: the same with Serve's default Python proxy: perf/results/kas-default-proxy.json
 perf-default-proxy: $(VENV)/.installed-perf

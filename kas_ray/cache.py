@@ -47,6 +47,15 @@ class CacheStats(BaseModel):
         return self.hits / total if total else 0.0
 
 
+_KINDS = frozenset(k.value for k in CacheKind)
+
+
+def kind_of(key: str) -> str:
+    """The :class:`CacheKind` value a cache key starts with (``share:...``), else ``"other"``."""
+    head = key.split(":", 1)[0]
+    return head if head in _KINDS else "other"
+
+
 def share_cache_key(nation: str, kid: str, key_version: str, wrapped_key: bytes, ephemeral_pem: str | None) -> str:
     """Digest naming one unwrapped share; length-prefixed fields so no two inputs collide."""
     h = hashlib.sha256()

@@ -91,6 +91,7 @@ class KeyNotFoundError(KasRayError):
     """No key with this kid is held by this KAS."""
 
     code = "unknown_kid"
+    http_status = 404  # Connect not_found (a KAO naming an unknown kid is a per-KAO bad request instead)
 
 
 class KeyBackendUnavailable(KasRayError):

@@ -142,7 +142,9 @@ def cluster(args: argparse.Namespace) -> Iterator[Any]:
     port = _get_global_client().http_config.port
     base = f"http://127.0.0.1:{port}"
     state = Path(args.state_dir or tempfile.mkdtemp(prefix="kas-ray-bench-state-"))
-    coalition = scenarios.Coalition(base_url=base, state_dir=state, kas_key=args.kas_key)
+    coalition = scenarios.Coalition(base_url=base, state_dir=state, kas_key=args.kas_key,
+                                    deployment_options=deployment_options(args.deployment_config)
+                                    if getattr(args, "deployment_config", None) else {})
     print(f"cluster: {'own local Ray' if own_ray else 'Ray at ' + str(address)} ready in "
           f"{time.perf_counter() - t0:.1f}s; Serve proxy {base}", flush=True)
     try:
@@ -171,6 +173,17 @@ def cluster(args: argparse.Namespace) -> Iterator[Any]:
             shutil.rmtree(state, ignore_errors=True)
 
 
+def deployment_options(config: Path) -> dict[str, Any]:
+    """The Serve options of the first nation deployment in a Serve config file (all but its name)."""
+    import yaml
+
+    document = yaml.safe_load(config.read_text(encoding="utf-8"))
+    for app in document.get("applications", []):
+        if app.get("import_path", "").endswith(":build_nation") and app.get("deployments"):
+            return {k: v for k, v in app["deployments"][0].items() if k != "name"}
+    raise SystemExit(f"{config}: no nation application with deployment options")
+
+
 SERVE_MODES = ("inherit", "default", "throughput", "haproxy")
 
 
@@ -185,13 +198,17 @@ def apply_serve_mode(mode: str) -> str | None:
     """
     if mode == "inherit":
         return None
-    for name in ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_ENABLE_HA_PROXY"):
+    for name in ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_ENABLE_HA_PROXY",
+                 "RAY_SERVE_COLLECT_AUTOSCALING_METRICS_ON_HANDLE"):
         os.environ.pop(name, None)
     if mode in ("throughput", "haproxy"):
         os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
     if mode != "haproxy":
         return None
     os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+    # HAProxy sends requests straight to replicas, past every deployment handle: the autoscaler must count
+    # requests in flight at the replicas (with the default, handle-side metrics, it sees none and never scales).
+    os.environ["RAY_SERVE_COLLECT_AUTOSCALING_METRICS_ON_HANDLE"] = "0"
     directory = tempfile.mkdtemp(prefix="kbh", dir="/tmp")  # socket paths are limited to 97 chars
     os.environ["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"] = f"{directory}/haproxy.cfg"
     os.environ["RAY_SERVE_HAPROXY_SOCKET_PATH"] = f"{directory}/admin.sock"
@@ -692,6 +709,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help="niceness of the Ray workers of our own local Ray (Ray's default is 15; default 0)")
     env.add_argument("--port", type=int, default=None, help="Serve HTTP port (default: a free one)")
     env.add_argument("--state-dir", default=None, help="KAS state dir (default: a temporary one, removed after)")
+    env.add_argument("--deployment-config", type=Path, default=None, metavar="SERVE_YAML",
+                     help="deploy every nation with the options (autoscaling, max_ongoing_requests) of this "
+                          "Serve config file, e.g. deployments/local.yaml (default: one replica each)")
     env.add_argument("--kas-key", default="rsa:4096", choices=("rsa:2048", "rsa:4096", "ec:secp256r1"),
                      help="KAS key the objects are wrapped to")
     env.add_argument("--py-spy", default=None, metavar="PHASES",
@@ -751,6 +771,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"rate": args.rate, "duration_s": args.duration, "warmup_s": args.warmup,
                      "slow_duration_s": args.slow_duration, "slow_rate": args.slow_rate, "client": args.client,
                      "kas_key": args.kas_key,
+                     "deployment_config": str(args.deployment_config) if args.deployment_config else None,
                      "slow_peer": SLOW_PEER, "slow_delay_s": SLOW_DELAY_S,
                      "serve_mode": args.serve_mode,
                      "worker_niceness": args.worker_niceness,

@@ -37,6 +37,8 @@ from ray import serve
 NATIONS = ["ALPHA", "BRAVO", "CHARLIE"]
 HOME = "ALPHA"
 REWRAP_PATH = "/kas.AccessService/Rewrap"
+#: The REST route; the fault-injection load (``faults.py``) sends v1 bodies here (answered 200/4xx/503 as a whole).
+V1_REWRAP_PATH = "/kas/v2/rewrap"
 SRT_TTL_S = 300
 USERS_PER_NATION = 16
 WARM_OBJECTS = 100
@@ -141,10 +143,14 @@ class Coalition:
     base_url: str
     state_dir: Path
     kas_key: str = "rsa:4096"
+    #: The nations of this coalition (``faults.py`` uses its own, next to other tests' nations).
+    nations: list[str] = field(default_factory=lambda: list(NATIONS))
     keys: dict[str, Any] = field(default_factory=dict)  # nation -> KasKey
     users: dict[str, list[User]] = field(default_factory=dict)
     _cycle: dict[str, Iterator[User]] = field(default_factory=dict)
     warm_pools: dict[str, list[Obj]] = field(default_factory=dict)
+    #: Serve options of every nation's deployment (a Serve config file's); empty: the code's defaults.
+    deployment_options: dict[str, Any] = field(default_factory=dict)
 
     def url(self, nation: str) -> str:
         return f"{self.base_url}/{nation.lower()}"
@@ -156,7 +162,7 @@ class Coalition:
 
         delays = delays or {}
         out = []
-        for s in nation_settings(self.state_dir, NATIONS, self.base_url):
+        for s in nation_settings(self.state_dir, self.nations, self.base_url):
             config = dev_federation_config(s, debug_delay_seconds=delays.get(s.nation, 0.0))
             out.append(s.model_copy(update={"federation": config}))
         return out
@@ -165,7 +171,7 @@ class Coalition:
         from kas_ray.serve.runner import _wait_ready, deploy
 
         chosen = [s for s in self.settings(delays) if nations is None or s.nation in nations]
-        deploy(chosen, index=False)
+        deploy(chosen, index=False, deployment_options=self.deployment_options)
         _wait_ready([self.url(s.nation) for s in chosen])
 
     def deploy_noop(self) -> None:
@@ -187,7 +193,7 @@ class Coalition:
         from kas_ray.trust import DevIdentityProvider, jwk_thumbprint
         from kas_ray.trust.jwks import public_jwk
 
-        for nation in NATIONS:
+        for nation in self.nations:
             idp = DevIdentityProvider(self.state_dir, nation)
             users = []
             for k in range(USERS_PER_NATION):
@@ -204,7 +210,7 @@ class Coalition:
         from kas_ray.client import HttpTransport, KasClient
 
         anonymous = KasClient(HttpTransport())
-        for nation in NATIONS:
+        for nation in self.nations:
             self.keys[nation] = anonymous.public_key(self.url(nation), self.kas_key)  # type: ignore[arg-type]
         self.add_users()
 
@@ -216,7 +222,7 @@ class Coalition:
 
         config = AbacConfig()
         policy = Policy.create([attribute_fqn(config, "classification", "SECRET")]
-                               + [attribute_fqn(config, "releasable-to", n) for n in NATIONS])
+                               + [attribute_fqn(config, "releasable-to", n) for n in self.nations])
         return policy.to_base64()
 
     def new_object(self, shape: Shape, policy_b64: str) -> Obj:
@@ -254,20 +260,31 @@ class Coalition:
         for k in range(count):
             yield pool[k % len(pool)]
 
-    def request(self, user: User, obj: Obj, path_nation: str, *, iat: float) -> dict[str, Any]:
+    def request(self, user: User, obj: Obj, path_nation: str, *, iat: float, v1: bool = False,
+                request_id: str | None = None) -> dict[str, Any]:
+        """One rewrap of ``obj`` by ``user``. ``v1``: the single-KAO body on the REST route (an HSM or
+        KMS failure is then a 503 for the whole request, not a per-KAO result); ``request_id`` is sent
+        as ``X-Request-ID``, which names the request's audit records."""
         from kas_ray.trust import make_dpop_proof, sign_request
 
-        body = {"clientPublicKey": user.client_pem,
-                "requests": [{"policy": {"id": "policy", "body": obj.policy_b64}, "algorithm": obj.algorithm,
-                              "keyAccessObjects": obj.kao_entries}]}
+        body: dict[str, Any] = {"clientPublicKey": user.client_pem}
+        if v1:
+            body |= {"keyAccess": obj.kao_entries[0]["keyAccessObject"], "policy": obj.policy_b64,
+                     "algorithm": obj.algorithm}
+        else:
+            body["requests"] = [{"policy": {"id": "policy", "body": obj.policy_b64}, "algorithm": obj.algorithm,
+                                 "keyAccessObjects": obj.kao_entries}]
+        route = V1_REWRAP_PATH if v1 else REWRAP_PATH
         srt = sign_request(body, user.dpop_key, now=iat, ttl_seconds=SRT_TTL_S)
-        dpop = make_dpop_proof(user.dpop_key, "POST", self.url(user.home) + REWRAP_PATH,
+        dpop = make_dpop_proof(user.dpop_key, "POST", self.url(user.home) + route,
                                access_token=user.token, iat=iat)
-        return {"method": "POST", "path": f"/{path_nation.lower()}{REWRAP_PATH}",
-                "headers": {"Content-Type": "application/json", "Connect-Protocol-Version": "1",
-                            "Authorization": f"Bearer {user.token}", "DPoP": dpop},
+        headers = {"Content-Type": "application/json", "Connect-Protocol-Version": "1",
+                   "Authorization": f"Bearer {user.token}", "DPoP": dpop}
+        if request_id is not None:
+            headers["X-Request-ID"] = request_id
+        return {"method": "POST", "path": f"/{path_nation.lower()}{route}", "headers": headers,
                 "body": json.dumps({"signedRequestToken": srt}, separators=(",", ":")),
-                "splits": obj.splits}
+                "splits": [["kao-0"]] if v1 else obj.splits}
 
     def build(self, scenario: Scenario, count: int) -> tuple[list[dict[str, Any]], list[tuple[dict, User, Obj]]]:
         """``count`` requests for the generator, plus one more request (with its user and object) to check."""

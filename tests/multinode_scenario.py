@@ -21,9 +21,14 @@ way ``deployments/gcp-kms.yaml`` pins it: ``hsm_resources`` for the HSM and cach
    the USA HSM actor, cache actor and replica are re-created on A', USA is ready again and the same object
    decrypts through FRA again (the HSM actor on A' unwraps: the cache actor and replica restarted empty).
 
+With ``--load-rate R``, an open-loop load of R brokered allOf rewraps per second (one FRA and one USA key
+access object, a new object each, DPoP-bound FRA users) runs through FRA from before step 3 until it has
+been steady for ``--steady`` seconds after step 4; ``perf/faults.py`` measures it (the ``node`` row of its
+table) and checks it against the audit of both nations (``result["fault"]``).
+
 Prints one line ``RESULT {json}`` on stdout; exits 0 when the scenario ran (the JSON says what held).
 Everything is bounded by ``--deadline`` and torn down in ``finally``: Serve, the named actors, the driver,
-every node (``cluster.shutdown()``).
+every node (``cluster.shutdown()``). :func:`launch` runs it in a subprocess.
 """
 
 from __future__ import annotations
@@ -32,8 +37,12 @@ import argparse
 import io
 import json
 import os
+import shutil
+import signal
 import socket
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 import uuid
@@ -45,6 +54,9 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL_CONFIG = ROOT / "deployments" / "local.yaml"
 NATIONS = ["USA", "FRA"]
+DEADLINE_S = 165  # the scenario's own budget
+HARD_LIMIT_S = 180  # then launch() kills its process group
+LOAD_BASELINE_S = 3.0  # load before the node goes
 
 
 def free_port() -> int:
@@ -159,7 +171,46 @@ def federation_counters(url: str) -> dict[str, Any]:
     return dict(response.json().get("counters", {}))
 
 
-def run(state_dir: Path, deadline: Deadline, result: dict[str, Any]) -> None:
+class NodeLossLoad:
+    """The ``--load-rate`` load (``perf/faults.py``'s generator and analysis) around the node loss."""
+
+    def __init__(self, base: str, state_dir: Path, rate: float, seconds: float) -> None:
+        sys.path.insert(0, str(ROOT / "perf"))
+        import faults
+        import scenarios
+
+        self.faults, self.state_dir = faults, state_dir
+        coalition = scenarios.Coalition(base_url=base, state_dir=state_dir, kas_key="rsa:2048", nations=NATIONS)
+        coalition.prepare()
+        self.shape = scenarios.Shape("FRA", (("FRA",), ("USA",)))
+        requests = faults.build_requests(coalition, "node", self.shape, int(rate * seconds))
+        self.load = faults.SteadyLoad(base, requests, rate, timeout=2 * faults.NODE_BOUNDS.deadline_s + 5)
+
+    def start(self) -> None:
+        self.load.start()
+        time.sleep(LOAD_BASELINE_S)
+
+    def wait_steady(self, steady_s: float, deadline: Deadline) -> None:
+        while deadline.left() > 20:
+            span, _end = self.faults.trailing_good_span(self.load.answered())
+            if span >= steady_s:
+                return
+            time.sleep(0.25)
+
+    def result(self, lost_at: float, steady_s: float, usa_ready_s: float | None) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        self.load.stop()
+        time.sleep(0.5)  # records of requests the server finished after the client gave up
+        faults = self.faults
+        return {"fault": "node", "title": "worker node of USA lost, replaced (allOf FRA+USA via FRA)",
+                "target": "FRA", "load": "v2 FRA + USA", "rate": self.load.rate, "restored": False,
+                "component_recovered_s": usa_ready_s, "bounds": asdict(faults.NODE_BOUNDS),
+                **faults.measure(self.load.samples, lost_at, self.shape, self.state_dir, steady_s=steady_s)}
+
+
+def run(state_dir: Path, deadline: Deadline, result: dict[str, Any], load_rate: float | None = None,
+        steady_s: float = 3.0) -> None:
     """The scenario; fills ``result`` as it goes (so a failure still reports how far it got)."""
     import ray
     from ray import serve
@@ -184,6 +235,7 @@ def run(state_dir: Path, deadline: Deadline, result: dict[str, Any]) -> None:
     })
     steps["head_up"] = deadline.elapsed()
     connected = False
+    load: NodeLossLoad | None = None
     try:
         node_a = cluster.add_node(num_cpus=1, resources={resource("USA"): 1})
         node_b = cluster.add_node(num_cpus=1, resources={resource("FRA"): 1})
@@ -237,6 +289,11 @@ def run(state_dir: Path, deadline: Deadline, result: dict[str, Any]) -> None:
         checks["fra_forwarded"] = int(federation_counters(urls["FRA"]).get("forwards_sent", 0)) - sent_before
         steps["federation_checked"] = deadline.elapsed()
 
+        if load_rate:
+            load = NodeLossLoad(base, state_dir, load_rate, deadline.left())
+            load.start()
+            steps["load_started"] = deadline.elapsed()
+
         # 3. lose node A (USA's only node)
         cluster.remove_node(node_a)
         lost_at = time.monotonic()
@@ -274,7 +331,13 @@ def run(state_dir: Path, deadline: Deadline, result: dict[str, Any]) -> None:
         result["brokered_recovered_s"] = round(time.monotonic() - lost_at, 2)
         steps["federation_recovered"] = deadline.elapsed()
         result["nodes"] = {v: k for k, v in names.items()}
+        if load is not None:
+            load.wait_steady(steady_s, deadline)
+            result["fault"] = load.result(lost_at, steady_s, result["usa_recovery_s"])
+            steps["load_steady"] = deadline.elapsed()
     finally:
+        if load is not None:
+            load.load.stop()
         teardown = time.monotonic()
         if connected:
             try:
@@ -290,17 +353,66 @@ def run(state_dir: Path, deadline: Deadline, result: dict[str, Any]) -> None:
         result["teardown_s"] = round(time.monotonic() - teardown, 2)
 
 
+def launch(*, load_rate: float | None = None, steady_s: float = 3.0, deadline: float = DEADLINE_S,
+           hard_limit: float = HARD_LIMIT_S) -> dict[str, Any]:
+    """Run the scenario in a subprocess and return its RESULT (plus ``runtime_s`` and ``stderr_tail``).
+
+    A caller may already be a Ray driver (pytest's session cluster) and cannot join a second cluster. The
+    subprocess gets its own Ray temp dir (so the "current cluster" file and sessions of other Ray users on
+    the machine are untouched), its own ports and state dir, and tears its cluster down itself; past
+    ``hard_limit`` its process group is killed (the Ray processes of that cluster die with their reaper).
+    """
+    # A short path: Ray's socket paths under it must stay below the 107-byte limit of AF_UNIX.
+    work = Path(tempfile.mkdtemp(prefix="krmn-", dir="/tmp"))
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
+    env |= {"RAY_TMPDIR": str(work), "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--state-dir", str(work / "state"),
+           "--deadline", str(deadline)]
+    if load_rate:
+        cmd += ["--load-rate", str(load_rate), "--steady", str(steady_s)]
+    started = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                            start_new_session=True)
+    try:
+        try:
+            out, err = proc.communicate(timeout=hard_limit)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # our own child's process group, by id
+            out, err = proc.communicate()
+        lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+        result = json.loads(lines[-1].removeprefix("RESULT ")) if lines else {"ok": False, "error": "no RESULT"}
+        result["runtime_s"] = round(time.monotonic() - started, 1)
+        result["stderr_tail"] = err[-4000:]
+        if not result.get("ok"):
+            result["serve_log_tail"] = _serve_errors(work)
+        return result
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _serve_errors(work: Path, limit: int = 6000) -> str:
+    """The error lines of the scenario's Serve logs (controller, replicas), for a failed run's report."""
+    lines = []
+    for log in sorted(work.glob("ray/session_*/logs/serve/*.log")):
+        with open(log, errors="replace") as fh:
+            lines += [f"{log.name}: {line.rstrip()}" for line in fh if " ERROR " in line or "WARNING" in line
+                      or "Error" in line]
+    return "\n".join(lines)[-limit:]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--state-dir", required=True, type=Path)
     parser.add_argument("--deadline", type=float, default=160.0, help="seconds for the whole scenario")
+    parser.add_argument("--load-rate", type=float, default=None, help="req/s of the load through the node loss")
+    parser.add_argument("--steady", type=float, default=3.0, help="seconds of good answers that end the load")
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # same for this cluster and any CLI pointed at it
     args.state_dir.mkdir(parents=True, exist_ok=True)
     deadline = Deadline(args.deadline)
     result: dict[str, Any] = {"ok": False}
     try:
-        run(args.state_dir.resolve(), deadline, result)
+        run(args.state_dir.resolve(), deadline, result, args.load_rate, args.steady)
         result["ok"] = True
     except Exception as exc:  # noqa: BLE001 - reported to the test as JSON
         traceback.print_exc()

@@ -344,7 +344,7 @@ def test_local_config_autoscaling_values() -> None:
     for nation, item in check_serve_config(ROOT / "deployments" / "local.yaml").items():
         config = item["info"].deployment_config
         scaling = config.autoscaling_config
-        assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 2, 2), nation
+        assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 2, 1), nation
         assert (scaling.upscale_delay_s, scaling.downscale_delay_s, config.max_ongoing_requests) == (10, 60, 32)
         assert item["demand"] == {"CPU": 0.0}, "on 2 cores no replica may wait for a CPU"
 

@@ -405,6 +405,33 @@ def test_cache_fails_open_and_recovers(nation: Nation, redis_factory: Callable[.
     runner.run(scenario())
 
 
+def test_pooled_connections_are_replaced_after_redis_restarts(redis_factory: Callable[..., Any],
+                                                              runner: asyncio.Runner) -> None:
+    """A restart breaks every pooled connection of a replica's client: each is checked and replaced before
+    use, so once Redis is back no command fails. (Under RESP3, redis-py 8 skipped that check: each dead
+    connection failed one command and marked Redis down, so a DPoP request got a 503 in strict mode
+    seconds after the restart; found by perf/faults.py.)"""
+    server = redis_factory()
+    link = RedisLink(RedisConfig(url=server.url, retry_interval_seconds=0.1), NATION)
+
+    async def burst(n: int) -> list[Any]:  # n commands at once: n pooled connections
+        return await asyncio.gather(*(link.run("test", lambda r, i=i: r.set(f"{link.prefix}t{i}", b"1", px=60_000))
+                                      for i in range(n)), return_exceptions=True)
+
+    async def scenario() -> None:
+        assert await burst(8) == [True] * 8
+        server.stop(signal.SIGKILL)
+        server.start()
+        await asyncio.sleep(0.3)  # the replica's loop sees each connection closed
+        failures = link.counters["failures"]
+        assert await burst(16) == [True] * 16
+        assert await burst(16) == [True] * 16
+        assert link.counters["failures"] == failures
+        await link.aclose()
+
+    runner.run(scenario())
+
+
 def test_replay_strict_refuses_dpop_while_redis_is_down(nation: Nation, redis_factory: Callable[..., Any],
                                                         runner: asyncio.Runner) -> None:
     server = redis_factory()

@@ -13,6 +13,7 @@ import hmac
 import os
 from typing import Literal
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
@@ -107,15 +108,18 @@ def ec_unwrap(private_key: ec.EllipticCurvePrivateKey, ephemeral: ec.EllipticCur
 
 # --- key encoding ------------------------------------------------------------------------------------
 def load_public_key_pem(pem: str | bytes) -> PublicKey:
-    """Parse an SPKI PEM (or an X.509 certificate PEM) into an RSA or EC public key."""
+    """Parse an SPKI PEM (or an X.509 certificate PEM) into an RSA or EC public key; ValueError otherwise."""
     data = pem.encode() if isinstance(pem, str) else pem
     key: PublicKeyTypes
-    if b"BEGIN CERTIFICATE" in data:
-        from cryptography import x509
+    try:
+        if b"BEGIN CERTIFICATE" in data:
+            from cryptography import x509
 
-        key = x509.load_pem_x509_certificate(data).public_key()
-    else:
-        key = serialization.load_pem_public_key(data)
+            key = x509.load_pem_x509_certificate(data).public_key()
+        else:
+            key = serialization.load_pem_public_key(data)
+    except UnsupportedAlgorithm:  # a key type cryptography does not know (not a ValueError)
+        raise ValueError("unsupported public key algorithm") from None
     if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
         raise ValueError("only RSA and EC public keys are supported")
     return key

@@ -14,9 +14,13 @@ OPENTDF_BAD_REQUEST = "rpc error: code = InvalidArgument desc = bad request"
 OPENTDF_FORBIDDEN = "rpc error: code = PermissionDenied desc = forbidden"
 
 
+#: Longest policy body accepted (v1 or v2); the same bound as the policy parser's.
+MAX_POLICY_CHARS = 64 * 1024
+
+
 class PolicyRef(WireModel):
     id: str = "policy"
-    body: str = Field(max_length=64 * 1024)
+    body: str = Field(max_length=MAX_POLICY_CHARS)
 
 
 class KaoRequest(WireModel):
@@ -37,7 +41,8 @@ class RewrapRequestBody(WireModel):
     requests: list[PolicyRequest] = Field(default_factory=list)
     # v1 (deprecated, still sent by older SDKs)
     key_access: KeyAccessObject | None = None
-    policy: str | None = None
+    #: Validated like PolicyRef.body, so building the v2 form in policy_requests() cannot fail.
+    policy: str | None = Field(default=None, max_length=MAX_POLICY_CHARS)
     algorithm: str | None = None
 
     @field_validator("requests", mode="before")

@@ -19,7 +19,7 @@ import inspect
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -139,6 +139,9 @@ class _Request:
     deadline: float
     #: Set when the request was forwarded by a peer: its agreement caps apply, nothing is forwarded again.
     agreement: AgreementConfig | None = None
+    #: KAO ids the broker gave up on (deadline, or the request was cancelled) after recording their failure:
+    #: a task that still finishes (a cancellation can be swallowed, e.g. by 3.11's wait_for) records nothing.
+    abandoned: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -372,17 +375,24 @@ class RewrapService:
                 for task, (nation, items) in list(pending.items()):
                     if nation != self.nation and not needed(items):
                         pending.pop(task)
+                        if task.done():  # answered meanwhile (audited by _forward): its keys are not needed
+                            absorb(self._unneeded(ctx, work, nation, items, audit=None))
+                            continue
                         reason = ("not forwarded: released locally first" if nation in held
                                   else "another KAS released these splits first")
-                        # The transport cancels the call at the peer. (A forward whose answer was on its way
-                        # may still complete: _forward then audits its result after this record.)
-                        task.cancel()
+                        task.cancel()  # the transport cancels the call at the peer
                         absorb(self._unneeded(ctx, work, nation, items, audit=reason))
+                        # Should the cancellation be swallowed (3.11 wait_for), the forward records nothing more.
+                        ctx.abandoned.update(item.key_access_object_id for item in items)
         finally:
             for task, (nation, items) in pending.items():  # deadline passed (or we were cancelled)
+                if task.done() and not task.cancelled() and task.exception() is None:
+                    absorb(task.result())  # finished as we were cancelled: it audited its own decisions
+                    continue
                 task.cancel()
                 absorb([self._fail(ctx, work, item, KasUnavailable(f"{nation}: deadline exceeded"))
                         for item in items])
+                ctx.abandoned.update(item.key_access_object_id for item in items)
         return results
 
     async def _kao_batch(self, ctx: _Request, work: _PolicyWork, item: KaoRequest) -> list[KaoResult]:
@@ -405,12 +415,14 @@ class RewrapService:
         try:
             answer = await self.federation.forward(peer, body, hops=ctx.call.hops, deadline=ctx.deadline)
         except KasRayError as exc:
-            self._audit_federation(ctx, work, AuditAction.FORWARD_FAILED, nation, [exc.message], started, exc)
+            if not ctx.abandoned.issuperset(i.key_access_object_id for i in items):
+                self._audit_federation(ctx, work, AuditAction.FORWARD_FAILED, nation, [exc.message], started, exc)
             return [self._fail(ctx, work, item, exc, audit=False) for item in items]
         by_id = {r.key_access_object_id: r for r in answer.results}
         permits = sum(1 for r in answer.results if r.status == "permit")
-        self._audit_federation(ctx, work, AuditAction.FORWARD_RESULT, nation,
-                               [f"{permits} of {len(items)} key access objects released by {nation}"], started)
+        if not ctx.abandoned.issuperset(i.key_access_object_id for i in items):
+            self._audit_federation(ctx, work, AuditAction.FORWARD_RESULT, nation,
+                                   [f"{permits} of {len(items)} key access objects released by {nation}"], started)
         out: list[KaoResult] = []
         for item in items:
             result = by_id.get(item.key_access_object_id)
@@ -550,6 +562,8 @@ class RewrapService:
     # --- audit ------------------------------------------------------------------------------------------
     def _audit_kao(self, ctx: _Request, item: KaoRequest, info: KeyInfo | None, work: _PolicyWork,
                    error: KasRayError | None, started: float) -> None:
+        if item.key_access_object_id in ctx.abandoned:
+            return  # the broker recorded this KAO's failure already; its answer never reaches the client
         decision = work.decision
         if error is None:
             reasons = [c.reason for c in decision.checks] if decision else []

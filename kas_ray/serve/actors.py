@@ -10,16 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError, TaskCancelledError
 
-from kas_ray.cache import CacheConfig, CacheKind, CacheStats, MemoryCache, ShareCache
+from kas_ray.cache import CacheConfig, CacheKind, CacheStats, MemoryCache, ShareCache, kind_of
 from kas_ray.config import KeyBackendConfig, Profile
-from kas_ray.errors import KeyBackendUnavailable
+from kas_ray.errors import KasRayError, KeyBackendUnavailable
 from kas_ray.keys.base import Health, KeyBackend, KeyInfo
+from kas_ray.serve.metrics import CACHE_ACTOR_LOOKUPS, ray_metrics
+
+if TYPE_CHECKING:
+    from kas_ray.serve.metrics import CacheResult, KasMetrics
 
 NAMESPACE = "kas-ray"
 _ACTOR_FAILURES = (RayActorError, ActorDiedError, ActorUnavailableError, GetTimeoutError)
@@ -77,11 +82,16 @@ class HsmActor:
 class CacheActor:
     """One nation's shared cache of unwrapped shares, public keys and JWKS (TTL + LRU)."""
 
-    def __init__(self, config: CacheConfig | None = None) -> None:
+    def __init__(self, config: CacheConfig | None = None, nation: str = "") -> None:
         self.cache = MemoryCache(config)
+        self.nation = nation
+        self.lookups = CACHE_ACTOR_LOOKUPS.create(ray_metrics())
 
     def get(self, key: str) -> object | None:
-        return self.cache.get(key)
+        value = self.cache.get(key)
+        self.lookups.inc(1, tags={"nation": self.nation, "kind": kind_of(key),
+                                  "result": "miss" if value is None else "hit"})
+        return value
 
     def put(self, key: str, value: object, kind: CacheKind, ttl: float | None = None) -> None:
         self.cache.put(key, value, kind, ttl)
@@ -103,7 +113,7 @@ def get_or_create_actors(nation: str, backend_spec: dict[str, Any], cache_config
     if resources:
         options["resources"] = resources
     hsm = HsmActor.options(name=hsm_actor_name(nation), **options).remote(nation, backend_spec)
-    cache = CacheActor.options(name=cache_actor_name(nation), **options).remote(cache_config)
+    cache = CacheActor.options(name=cache_actor_name(nation), **options).remote(cache_config, nation)
     return hsm, cache
 
 
@@ -127,8 +137,10 @@ class ActorKeyBackend(KeyBackend):
     """
 
     def __init__(self, hsm: Any, nation: str, *, cache: Any = None, timeout: float = 10.0,
-                 info_ttl: float = 30.0, reconnect: Callable[[], Any] | None = None) -> None:
+                 info_ttl: float = 30.0, reconnect: Callable[[], Any] | None = None,
+                 metrics: KasMetrics | None = None) -> None:
         self._hsm = hsm
+        self._metrics = metrics
         #: Looks the named HSM actor up again (re-creating it) when it died for good.
         self._reconnect = reconnect
         self._cache = cache
@@ -139,17 +151,33 @@ class ActorKeyBackend(KeyBackend):
         self._infos_at = 0.0
 
     async def _call(self, method: str, *args: Any) -> Any:
+        started = time.perf_counter()
+        failure: str | None = "internal"  # what the metrics call it; None once the actor answered
         try:
-            return await asyncio.wait_for(getattr(self._hsm, method).remote(*args), self._timeout)
+            result = await asyncio.wait_for(getattr(self._hsm, method).remote(*args), self._timeout)
+            failure = None
+            return result
         except TimeoutError:
+            failure = "timeout"
             raise KeyBackendUnavailable("the HSM actor did not answer in time") from None
         except ActorDiedError:
+            failure = "actor_died"
             # Ray restarts a crashed actor by itself; one killed for good needs a new instance.
             if self._reconnect is not None:
                 self._hsm = await asyncio.to_thread(self._reconnect)
             raise KeyBackendUnavailable("the HSM actor is unavailable (restarting)") from None
         except _ACTOR_FAILURES:
+            failure = "actor_unavailable"
             raise KeyBackendUnavailable("the HSM actor is unavailable (restarting)") from None
+        except KasRayError as exc:  # raised by the key backend (unknown kid, unwrap failed, KMS down)
+            failure = exc.code
+            raise
+        except (asyncio.CancelledError, TaskCancelledError):  # the request went away (client gone): no HSM fault
+            failure = "cancelled"
+            raise
+        finally:
+            if self._metrics is not None and failure != "cancelled":
+                self._metrics.hsm_call(method, time.perf_counter() - started, failure)
 
     async def keys(self) -> list[KeyInfo]:
         now = asyncio.get_running_loop().time()
@@ -213,8 +241,9 @@ class TieredShareCache(ShareCache):
     """
 
     def __init__(self, actor: Any, local: MemoryCache | None = None, *, timeout: float = 1.0,
-                 local_ttl: float = 15.0) -> None:
+                 local_ttl: float = 15.0, metrics: KasMetrics | None = None) -> None:
         self._actor = actor
+        self._metrics = metrics
         self.local = local or MemoryCache(CacheConfig(max_entries=10_000))
         self._timeout = timeout
         #: Short, so an invalidation in the cache actor reaches every replica quickly.
@@ -223,11 +252,17 @@ class TieredShareCache(ShareCache):
     async def aget(self, key: str) -> object | None:
         value = self.local.get(key)
         if value is not None:
+            self._count("hit_replica")
             return value
         value = await _best_effort(self._actor.get.remote(key), self._timeout)
         if value is not None:
             self.local.put(key, value, CacheKind.SHARE, ttl=self._local_ttl)
+        self._count("miss" if value is None else "hit_shared")
         return value
+
+    def _count(self, result: CacheResult) -> None:
+        if self._metrics is not None:
+            self._metrics.share_lookup(result)
 
     async def aput(self, key: str, value: object, kind: CacheKind) -> None:
         self.local.put(key, value, kind, ttl=self._local_ttl)

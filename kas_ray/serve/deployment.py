@@ -25,9 +25,10 @@ from kas_ray.federation.broker import Federation
 from kas_ray.federation.envelope import FederationKey
 from kas_ray.kas.service import RewrapCall, RewrapService
 from kas_ray.policy import PolicyEngine
+from kas_ray.serve import openapi as docs
 from kas_ray.serve.actors import ActorDocuments, ActorKeyBackend, TieredShareCache, get_or_create_actors
 from kas_ray.serve.http import KasHttpApi
-from kas_ray.serve.metrics import BREAKER_GAUGE, MetricsAuditSink
+from kas_ray.serve.metrics import KasMetrics, MetricsAuditSink
 from kas_ray.shared.wiring import SharedState, build_shared_state
 from kas_ray.trust import ReplayStore, TokenVerifier, dev_trust_registry
 
@@ -36,6 +37,7 @@ app = FastAPI(
     description="OpenTDF-compatible Key Access Service of one nation (NATO ACP-240).",
     version="0.1.0",
 )
+docs.install(app)
 
 
 def load_trust(settings: NationSettings) -> TrustRegistry:
@@ -81,7 +83,8 @@ def build_federation(settings: NationSettings, replay: ReplayStore) -> Federatio
     return Federation(settings.nation, config, FederationKey(key_path, settings.nation), replay=replay)
 
 
-def build_service(settings: NationSettings, shared: SharedState | None = None) -> RewrapService:
+def build_service(settings: NationSettings, shared: SharedState | None = None,
+                  metrics: KasMetrics | None = None) -> RewrapService:
     """Everything a replica needs, wired to the nation's actors (and Redis, when ``settings.redis`` is set).
 
     With Redis, the share cache is this replica's memory cache in front of the nation's sealed Redis
@@ -95,7 +98,7 @@ def build_service(settings: NationSettings, shared: SharedState | None = None) -
         return get_or_create_actors(settings.nation, backend_spec, resources=resources)[0]
 
     abac = load_yaml(settings.abac_config, AbacConfig) if settings.abac_config else AbacConfig()
-    shared = shared or build_shared_state(settings)
+    shared = shared or build_shared_state(settings, metrics=metrics)
     replay = shared.replay
     trust = load_trust(settings)
     audit = MetricsAuditSink(
@@ -104,18 +107,18 @@ def build_service(settings: NationSettings, shared: SharedState | None = None) -
     )
     federation = build_federation(settings, replay)
     for peer in federation.peers if federation else ():
-        audit.breaker.set(BREAKER_GAUGE["closed"], tags={"nation": settings.nation, "peer": peer})
+        audit.set_breaker(peer, "closed")
     return RewrapService(
         settings.nation,
         keys=ActorKeyBackend(hsm, settings.nation, cache=cache, timeout=settings.hsm_timeout_seconds,
-                             reconnect=reconnect),
+                             reconnect=reconnect, metrics=metrics),
         trust=trust,
         verifier=TokenVerifier(trust, shared_jwks=ActorDocuments(cache)),
         policy=PolicyEngine(abac),
         replay=replay,
         audit=audit,
         federation=federation,
-        cache=shared.cache or TieredShareCache(cache),
+        cache=shared.cache or TieredShareCache(cache, metrics=metrics),
         public_urls=[settings.public_url],
         limits=settings.limits,
         rate_limiter=shared.rate_limiter,
@@ -141,57 +144,67 @@ class NationKAS:
 
     def __init__(self, settings: dict[str, Any] | NationSettings) -> None:
         self.settings = NationSettings.model_validate(settings)
-        self.shared = build_shared_state(self.settings)
-        self.service = build_service(self.settings, self.shared)
-        self.api = KasHttpApi(self.service)
+        self.metrics = KasMetrics(self.settings.nation)
+        self.shared = build_shared_state(self.settings, metrics=self.metrics)
+        self.service = build_service(self.settings, self.shared, self.metrics)
+        self.api = KasHttpApi(self.service, metrics=self.metrics)
+
+    async def check_health(self) -> None:
+        """Serve calls this every ``health_check_period_s`` (10 s): it keeps the breaker gauges alive,
+        which Ray drops when nobody sets them for two metrics report intervals (20 s by default)."""
+        if isinstance(self.service.audit, MetricsAuditSink):
+            self.service.audit.refresh()
 
     # OpenTDF Connect (unary; JSON or proto)
-    @app.post("/kas.AccessService/PublicKey", summary="Public key (Connect)")
+    @app.post("/kas.AccessService/PublicKey", summary="Public key (Connect)", openapi_extra=docs.CONNECT_PUBLIC_KEY)
     async def connect_public_key(self, request: Request) -> Response:
         return await self.api.guarded(self.api.connect_public_key, request)
 
-    @app.post("/kas.AccessService/LegacyPublicKey", summary="Legacy public key PEM (Connect)")
+    @app.post("/kas.AccessService/LegacyPublicKey", summary="Legacy public key PEM (Connect)",
+              openapi_extra=docs.CONNECT_LEGACY_PUBLIC_KEY)
     async def connect_legacy_public_key(self, request: Request) -> Response:
         return await self.api.guarded(self.api.connect_legacy_public_key, request)
 
-    @app.post("/kas.AccessService/Rewrap", summary="Rewrap (Connect)")
+    @app.post("/kas.AccessService/Rewrap", summary="Rewrap (Connect)", openapi_extra=docs.CONNECT_REWRAP)
     async def connect_rewrap(self, request: Request) -> Response:
         return await self.api.guarded(self.api.connect_rewrap, request)
 
     # OpenTDF legacy REST (under /kas, as older clients address it)
-    @app.get("/kas/kas_public_key", summary="Legacy public key PEM (REST)")
+    @app.get("/kas/kas_public_key", summary="Legacy public key PEM (REST)", openapi_extra=docs.REST_PUBLIC_KEY)
     async def rest_public_key(self, request: Request) -> Response:
         return await self.api.guarded(self.api.rest_public_key, request, False)
 
-    @app.get("/kas/v2/kas_public_key", summary="Public key and kid (REST)")
+    @app.get("/kas/v2/kas_public_key", summary="Public key and kid (REST)", openapi_extra=docs.REST_PUBLIC_KEY_V2)
     async def rest_public_key_v2(self, request: Request) -> Response:
         return await self.api.guarded(self.api.rest_public_key, request, True)
 
-    @app.post("/kas/v2/rewrap", summary="Rewrap (REST)")
+    @app.post("/kas/v2/rewrap", summary="Rewrap (REST)", openapi_extra=docs.REST_REWRAP)
     async def rest_rewrap(self, request: Request) -> Response:
         return await self.api.guarded(self.api.rest_rewrap, request)
 
     # ACP-240 form: clientPublicKey + requests[], or the same inside a signedRequestToken
-    @app.post("/rewrap", summary="Rewrap (ACP-240 form)")
+    @app.post("/rewrap", summary="Rewrap (ACP-240 form)", openapi_extra=docs.ACP240_REWRAP)
     async def acp240_rewrap(self, request: Request) -> Response:
         return await self.api.guarded(self.api.rest_rewrap, request)
 
-    @app.get("/healthz", summary="Liveness")
+    @app.get("/healthz", summary="Liveness", openapi_extra=docs.HEALTHZ)
     async def healthz(self) -> Response:
         return await self.api.healthz()
 
-    @app.get("/readyz", summary="Readiness: keys loaded, HSM actor answering, trust loaded")
+    @app.get("/readyz", summary="Readiness: keys loaded, HSM actor answering, trust loaded", openapi_extra=docs.READYZ)
     async def readyz(self) -> Response:
         return await self.api.readyz()
 
-    @app.get("/federation/status", summary="Peers, circuit breakers and federation counters")
+    @app.get("/federation/status", summary="Peers, circuit breakers and federation counters",
+             openapi_extra=docs.FEDERATION_STATUS)
     async def federation_status(self) -> Response:
         federation = self.service.federation
         if federation is None:
             return JSONResponse({"nation": self.settings.nation, "federation": "disabled"})
         return JSONResponse(federation.status())
 
-    @app.get("/stats", summary="Cache counters (this replica's, the nation's shared tier), replay and rate limits")
+    @app.get("/stats", summary="Cache counters (this replica's, the nation's shared tier), replay and rate limits",
+             openapi_extra=docs.STATS)
     async def stats(self) -> Response:
         cache = self.service.cache
         shared_stats = getattr(cache, "shared_stats", None)  # TieredShareCache or TwoTierShareCache
@@ -224,5 +237,11 @@ class NationKAS:
 
 def build_nation(args: dict[str, Any]) -> serve.Application:
     """Application builder for ``serve run`` / Serve config files: ``args`` are :class:`NationSettings`."""
-    settings = NationSettings.model_validate(args)
-    return NationKAS.options(name=f"kas-{settings.nation.lower()}").bind(settings.model_dump())
+    return nation_app(NationSettings.model_validate(args))
+
+
+def nation_app(settings: NationSettings, **deployment_options: Any) -> serve.Application:
+    """One nation's application; ``deployment_options`` are what a Serve config file sets per deployment
+    (``autoscaling_config``, ``max_ongoing_requests``, ...). Serve app builders take one argument, so
+    Python callers that need options (``runner.deploy``) come here."""
+    return NationKAS.options(name=f"kas-{settings.nation.lower()}", **deployment_options).bind(settings.model_dump())

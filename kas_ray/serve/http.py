@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
@@ -27,6 +28,7 @@ from kas_ray.kas import proto
 from kas_ray.kas.service import RewrapCall, RewrapService
 
 if TYPE_CHECKING:
+    from kas_ray.serve.metrics import KasMetrics
     from kas_ray.shared.ratelimit import RateLimiter
 
 logger = logging.getLogger("kas_ray.http")
@@ -98,11 +100,13 @@ class KasHttpApi:
     """Request/response handling shared by every route of one nation's KAS."""
 
     def __init__(self, service: RewrapService, *, max_body_bytes: int | None = None,
-                 limiter: RateLimiter | None = None) -> None:
+                 limiter: RateLimiter | None = None, metrics: KasMetrics | None = None) -> None:
         self.service = service
         self.max_body_bytes = max_body_bytes or service.limits.max_body_bytes
         #: Per-client-address limits (the service counts per-subject ones once the token is verified).
         self.limiter = limiter if limiter is not None else service.rate_limiter
+        #: Counts every answer of :meth:`guarded`, refusals before the rewrap service included.
+        self.metrics = metrics
 
     # --- body handling ----------------------------------------------------------------------------------
     async def read_body(self, request: Request) -> bytes:
@@ -191,16 +195,24 @@ class KasHttpApi:
 
     async def guarded(self, handler: Any, *args: Any) -> Response:
         """Run a handler; kas-ray errors become JSON 4xx/503, anything unexpected a logged 503."""
+        started = time.perf_counter()
+        request = args[0] if args and isinstance(args[0], Request) else None
+        error_code = ""
         try:
             endpoint = RATE_LIMITED.get(getattr(handler, "__name__", ""))
-            if self.limiter is not None and endpoint is not None and args and isinstance(args[0], Request):
-                await self.limiter.check_client(endpoint, args[0].scope)  # type: ignore[arg-type]
-            return await handler(*args)
+            if self.limiter is not None and endpoint is not None and request is not None:
+                await self.limiter.check_client(endpoint, request.scope)  # type: ignore[arg-type]
+            response = await handler(*args)
         except KasRayError as exc:
-            return error_response(exc)
+            response, error_code = error_response(exc), exc.code
         except Exception:  # a bug must not leak details, nor look like a permit
             logger.exception("unexpected error in KAS handler")
-            return error_response(KeyBackendUnavailable("internal error; the request was not processed"))
+            response, error_code = error_response(KeyBackendUnavailable("internal error; the request was not "
+                                                                        "processed")), "internal"
+        if self.metrics is not None:
+            self.metrics.http_answer(_route(request, handler), response.status_code, error_code,
+                                     time.perf_counter() - started)
+        return response
 
     # --- route bodies -----------------------------------------------------------------------------------
     async def connect_public_key(self, request: Request) -> Response:
@@ -246,6 +258,13 @@ class KasHttpApi:
         ready = bool(checks.get("hsm")) and checks.get("keys", 0) > 0 and checks["trust"]
         return JSONResponse({"status": "ready" if ready else "not ready", "nation": self.service.nation,
                              "checks": checks}, status_code=200 if ready else 503)
+
+
+def _route(request: Request | None, handler: Any) -> str:
+    """The matched route's template (e.g. ``/kas/v2/rewrap``): a bounded metric tag, unlike the raw path."""
+    route = request.scope.get("route") if request is not None else None
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else getattr(handler, "__name__", "other")
 
 
 def plain_text(text: str, status: int = 200) -> PlainTextResponse:

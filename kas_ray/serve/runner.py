@@ -46,16 +46,20 @@ def load_nation_overrides(path: str | os.PathLike[str] | None) -> dict[str, dict
     return {str(k).upper(): v for k, v in data.items()}
 
 
-def deploy(settings: list[NationSettings], *, index: bool = True) -> dict[str, str]:
-    """Deploy one Serve application per nation at ``/{nation}``; returns nation → URL."""
+def deploy(settings: list[NationSettings], *, index: bool = True,
+           deployment_options: dict[str, Any] | None = None) -> dict[str, str]:
+    """Deploy one Serve application per nation at ``/{nation}``; returns nation → URL.
+
+    ``deployment_options`` apply to every nation's deployment (see :func:`~kas_ray.serve.deployment.nation_app`).
+    """
     from ray import serve
 
-    from kas_ray.serve.deployment import build_nation
+    from kas_ray.serve.deployment import nation_app
     from kas_ray.serve.index import build_index
 
     urls: dict[str, str] = {}
     for nation in settings:
-        serve.run(build_nation(nation.model_dump()), name=nation.nation.lower(),
+        serve.run(nation_app(nation, **(deployment_options or {})), name=nation.nation.lower(),
                   route_prefix=f"/{nation.nation.lower()}", blocking=False)
         urls[nation.nation] = nation.public_url
         federation = nation.federation

@@ -22,15 +22,18 @@ import hmac
 import json
 import os
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from kas_ray.cache import CacheConfig, CacheKind, CacheStats, MemoryCache, ShareCache
+from kas_ray.cache import CacheConfig, CacheKind, CacheStats, MemoryCache, ShareCache, kind_of
 from kas_ray.shared.link import RedisLink, RedisUnavailable, ThrottledLog, logger
+
+if TYPE_CHECKING:
+    from kas_ray.serve.metrics import KasMetrics
 
 SEAL_FORMAT = b"\x01"
 _NONCE = 12
@@ -93,11 +96,6 @@ class CacheSealer:
         raise ValueError("unknown cache entry type")
 
 
-def _kind_of(logical_key: str) -> str:
-    head = logical_key.split(":", 1)[0]
-    return head if head in {k.value for k in CacheKind} else "other"
-
-
 class RedisShareCache(ShareCache):
     """One nation's cache in Redis: sealed values, keyed digest names, per-kind TTLs, fail-open."""
 
@@ -109,7 +107,7 @@ class RedisShareCache(ShareCache):
         self._warn = ThrottledLog(logger)
 
     def name(self, logical_key: str) -> str:
-        return f"{self.link.prefix}{_kind_of(logical_key)}:{self.sealer.digest(logical_key)}"
+        return f"{self.link.prefix}{kind_of(logical_key)}:{self.sealer.digest(logical_key)}"
 
     def kind_prefix(self, kind: CacheKind | None = None) -> str:
         """Prefix of every name of ``kind`` (None: every cache entry of this nation)."""
@@ -180,11 +178,13 @@ class TwoTierShareCache(ShareCache):
     short so an invalidation in Redis reaches every replica within it.
     """
 
-    def __init__(self, shared: RedisShareCache, local: MemoryCache | None = None, *, local_ttl: float = 15.0) -> None:
+    def __init__(self, shared: RedisShareCache, local: MemoryCache | None = None, *, local_ttl: float = 15.0,
+                 metrics: KasMetrics | None = None) -> None:
         self.shared = shared
         self.local = local or MemoryCache(CacheConfig(max_entries=10_000))
         self.local_ttl = local_ttl
         self.stats = SharedCacheStats()
+        self.metrics = metrics
 
     def _local_ttl(self, kind: CacheKind) -> float:
         return min(self.local_ttl, self.shared.config.ttl_seconds.get(kind, 60.0))
@@ -194,14 +194,18 @@ class TwoTierShareCache(ShareCache):
         if value is not None:
             self.stats.hits += 1
             self.stats.local_hits += 1
+            if self.metrics is not None:
+                self.metrics.share_lookup("hit_replica")
             return value
         value = await self.shared.aget(key)
+        if self.metrics is not None:
+            self.metrics.share_lookup("miss" if value is None else "hit_shared")
         if value is None:
             self.stats.misses += 1
             return None
         self.stats.hits += 1
         self.stats.shared_hits += 1
-        kind = _kind_of(key)
+        kind = kind_of(key)
         ttl = self._local_ttl(CacheKind(kind)) if kind != "other" else self.local_ttl
         self.local.put(key, value, CacheKind.SHARE, ttl=ttl)
         return value

@@ -134,6 +134,10 @@ def make_client(config: RedisConfig, password: str | None) -> Redis:
         "username": config.username,
         "password": password,
         "client_name": "kas-ray",
+        # RESP2: under RESP3, redis-py 8 turns on maintenance notifications, and with them the pool stops
+        # checking a pooled connection before handing it out; after a Redis restart every connection of
+        # the pool would then fail one command (and mark Redis down) before it is replaced.
+        "protocol": 2,
     }
     if config.url.lower().startswith("rediss://"):
         kwargs.update(ssl_cert_reqs="required", ssl_ca_certs=config.tls_ca_file,

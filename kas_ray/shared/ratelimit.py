@@ -24,13 +24,16 @@ import secrets
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from redis.exceptions import NoScriptError
 
 from kas_ray.config import RateLimitConfig
 from kas_ray.errors import RateLimited
 from kas_ray.shared.link import RedisLink, RedisUnavailable
+
+if TYPE_CHECKING:
+    from kas_ray.serve.metrics import KasMetrics
 
 Endpoint = Literal["rewrap", "public_key"]
 Dimension = Literal["subject", "client"]
@@ -117,8 +120,9 @@ class RateLimiter:
     """The nation's limits: shared through Redis when a link is given, else this replica's memory."""
 
     def __init__(self, config: RateLimitConfig, nation: str, link: RedisLink | None = None, *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, metrics: KasMetrics | None = None) -> None:
         self.config = config
+        self.metrics = metrics
         self.nation = nation.upper()
         self.link = link
         self.memory = MemoryWindows(config.max_tracked, clock=clock)
@@ -155,6 +159,8 @@ class RateLimiter:
             wait = self.memory.hit(digest, limit, window)
         if wait > 0:
             self.counters[f"limited_{endpoint}_{dimension}"] += 1
+            if self.metrics is not None:
+                self.metrics.rate_limited(endpoint, dimension)
             raise RateLimited(f"too many {endpoint.replace('_', ' ')} requests from this {dimension}; "
                               f"limit {limit} per {window:g}s", retry_after=wait)
         self.counters[f"accepted_{endpoint}_{dimension}"] += 1

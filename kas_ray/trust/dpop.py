@@ -63,7 +63,8 @@ class DPoPProof(BaseModel):
 # --- helpers shared by client and server ----------------------------------------------------------
 def jwk_thumbprint(jwk: Mapping[str, Any]) -> str:
     """RFC 7638 SHA-256 thumbprint (base64url) over the required members of the JWK."""
-    members = _THUMBPRINT_MEMBERS.get(jwk.get("kty"))  # type: ignore[arg-type]
+    kty = jwk.get("kty")
+    members = _THUMBPRINT_MEMBERS.get(kty) if isinstance(kty, str) else None  # a JSON object is unhashable
     if members is None:
         raise ValueError(f"cannot take the thumbprint of a JWK with kty {jwk.get('kty')!r}")
     if not all(isinstance(jwk.get(name), str) for name in members):

@@ -88,7 +88,7 @@ def public_jwk(key: PublicKey | PrivateKey) -> dict[str, Any]:
 
 def check_key_for_alg(key: PublicKey, alg: str) -> None:
     """Refuse a key whose type (RSA size, EC curve) does not fit ``alg``: no algorithm confusion."""
-    if alg not in ALLOWED_TOKEN_ALGORITHMS:
+    if not isinstance(alg, str) or alg not in ALLOWED_TOKEN_ALGORITHMS:
         raise ValueError(f"algorithm {alg!r} is not an allowed asymmetric algorithm")
     if alg.startswith(("RS", "PS")):
         if not isinstance(key, rsa.RSAPublicKey):
@@ -141,7 +141,8 @@ def parse_jwks(document: Any) -> tuple[_Entry, ...]:
             continue
         alg = jwk.get("alg")
         kid = jwk.get("kid")
-        if (alg is not None and alg not in ALLOWED_TOKEN_ALGORITHMS) or not isinstance(kid, str | None):
+        if (alg is not None and (not isinstance(alg, str) or alg not in ALLOWED_TOKEN_ALGORITHMS)) or not isinstance(
+                kid, str | None):
             continue
         try:
             key = public_key_from_jwk(jwk)

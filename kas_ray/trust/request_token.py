@@ -50,7 +50,7 @@ def verify_signed_request(
     else:  # the header picks the check; _verified_claims parses (and checks) the whole token once
         header = peek_header(srt, SignedRequestError, "signed request token", MAX_SRT_CHARS)
     alg = header.get("alg")
-    if alg not in ALLOWED_TOKEN_ALGORITHMS:
+    if not isinstance(alg, str) or alg not in ALLOWED_TOKEN_ALGORITHMS:  # a JSON object or list is unhashable
         raise SignedRequestError(f"signed request token alg {str(alg)[:20]!r} is not allowed")
     if dpop_jwk is not None:
         claims = _verified_claims(srt, alg, dpop_jwk)
