@@ -30,6 +30,7 @@ PERF = Path(__file__).resolve().parent
 sys.path.insert(0, str(PERF))
 
 import bench_kas  # noqa: E402 - after the path set-up above; it makes kas_ray importable too
+import results_file  # noqa: E402
 
 DEFAULT_OUT = PERF / "results" / "autoscale.json"
 SCENARIO = "1kas-warm"
@@ -221,15 +222,14 @@ def main(argv: list[str] | None = None) -> int:
                             "serve_mode": args.serve_mode},
                "steps": step_results, "replicas": sampler.samples}
     results["summary"] = summarise(sampler.samples, step_results)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1, default=str) + "\n", encoding="utf-8")
-    print(f"summary: {json.dumps(results['summary'])}\nresults: {out}", flush=True)
-    try:
-        plot(results, out.with_suffix(".png"))
-        print(f"plot: {out.with_suffix('.png')}")
-    except ImportError:
-        print("plot skipped: matplotlib is not installed (pip install -e '.[perf]')")
+    out = results_file.save(json.dumps(results, indent=1, default=str), args.out)
+    print(f"summary: {json.dumps(results['summary'])}" + (f"\nresults: {out}" if out else ""), flush=True)
+    if out is not None:
+        try:
+            plot(results, out.with_suffix(".png"))
+            print(f"plot: {out.with_suffix('.png')}")
+        except ImportError:
+            print("plot skipped: matplotlib is not installed (pip install -e '.[perf]')")
     return 0 if results["summary"]["rose_and_fell"] else 1
 
 

@@ -48,6 +48,7 @@ if importlib.util.find_spec("kas_ray") is None:  # a checkout without `pip insta
     sys.path.insert(0, str(REPO_ROOT))
 if str(PERF) not in sys.path:
     sys.path.insert(0, str(PERF))
+import results_file  # noqa: E402
 
 TARGET_PHASES = ["noop", "1kas-warm", "1kas-cold", "2kas-anyof-warm", "2kas-allof-warm",
                  "3kas-anyof-warm", "3kas-allof-warm"]
@@ -824,12 +825,8 @@ def main(argv: list[str] | None = None) -> int:
         verdict = {True: "PASS", False: "MISS", None: "n/a "}[check["pass"]]
         print(f"  {verdict}  {check['target']}: {check['measured']}")
     text = json.dumps(results, indent=1, default=str)
-    if args.out == "-":
-        print(text)
-    else:
-        out_path = Path(args.out)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(text + "\n", encoding="utf-8")
+    out_path = results_file.save(text, args.out)
+    if out_path is not None:
         print(f"results: {out_path}  ({results['elapsed_s'] / 60:.1f} min)")
         if results["ray_job_submission_id"]:
             print(text)

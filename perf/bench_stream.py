@@ -69,6 +69,9 @@ CHECKED = ("encrypt", "decrypt")
 
 if importlib.util.find_spec("kas_ray") is None:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO_ROOT))
+if str(Path(__file__).resolve().parent) not in sys.path:  # perf/ helpers, also when imported
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+import results_file  # noqa: E402
 
 
 # --- child side -----------------------------------------------------------------------------------------
@@ -459,12 +462,8 @@ def main(argv: list[str] | None = None) -> int:
           f"decrypted SHA-256 {'matches the input' if hashes_ok else 'DIFFERS from the input'}")
 
     text = json.dumps(results, indent=2)
-    if args.out == "-":
-        print(text)
-    else:
-        out_path = Path(args.out)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(text + "\n", encoding="utf-8")
+    out_path = results_file.save(text, args.out)
+    if out_path is not None:
         print(f"results: {out_path}")
         if ray_job:  # a Ray job's working dir is a temporary copy: put the JSON in the job logs too
             print(text)

@@ -67,6 +67,9 @@ from kas_ray.ztdf.manifest import KeyAccessObject
 from kas_ray.ztdf.policy import Policy, verify_binding
 
 _T = TypeVar("_T")
+#: Why a forward was cancelled (FORWARD_CANCELLED reasons).
+_RELEASED_ELSEWHERE = "another KAS released these splits first"
+_NOT_SENT = "not forwarded: released locally first"
 
 if TYPE_CHECKING:
     from kas_ray.federation.broker import Federation
@@ -378,8 +381,7 @@ class RewrapService:
                         if task.done():  # answered meanwhile (audited by _forward): its keys are not needed
                             absorb(self._unneeded(ctx, work, nation, items, audit=None))
                             continue
-                        reason = ("not forwarded: released locally first" if nation in held
-                                  else "another KAS released these splits first")
+                        reason = _NOT_SENT if nation in held else _RELEASED_ELSEWHERE
                         task.cancel()  # the transport cancels the call at the peer
                         absorb(self._unneeded(ctx, work, nation, items, audit=reason))
                         # Should the cancellation be swallowed (3.11 wait_for), the forward records nothing more.
@@ -435,7 +437,7 @@ class RewrapService:
         return out
 
     def _unneeded(self, ctx: _Request, work: _PolicyWork, nation: str, items: list[KaoRequest], *,
-                  audit: str | None = "another KAS released these splits first") -> list[KaoResult]:
+                  audit: str | None = _RELEASED_ELSEWHERE) -> list[KaoResult]:
         """Per-KAO results for a forward whose splits were released elsewhere (``audit``: why it was cancelled)."""
         if audit is not None:
             self._audit_federation(ctx, work, AuditAction.FORWARD_CANCELLED, nation, [audit], time.perf_counter())

@@ -280,44 +280,48 @@ class TokenVerifier:
         self.close()
 
     async def averify(self, token: str) -> VerifiedToken:
-        """:meth:`verify`, on the event loop when the issuer's key is already loaded (no I/O can
-        happen then), else in a worker thread (loading a JWKS does blocking HTTP or a cache-actor call)."""
-        if (known := self._remembered(token)) is not None:
+        """:meth:`verify`, on the event loop; only loading the issuer's keys (blocking HTTP or a cache-actor
+        call, when the key is not loaded yet) runs in a worker thread."""
+        digest = self._digest(token)
+        if (known := self._remembered(digest)) is not None:
             return known
         issuer, kid, alg = self._route(token)
         key = self.keys.cached_key(issuer, kid, alg)
         if key is None:
-            return await asyncio.to_thread(self.verify, token)
-        return self._finish(token, key, alg, issuer)
+            key = await asyncio.to_thread(self.keys.key_for, issuer, kid, alg)
+        return self._finish(token, key, alg, issuer, digest)
 
     def verify(self, token: str) -> VerifiedToken:
         """Verify signature, issuer, audience and times; TokenError (or UntrustedIssuerError) if not."""
-        if (known := self._remembered(token)) is not None:
+        digest = self._digest(token)
+        if (known := self._remembered(digest)) is not None:
             return known
         issuer, kid, alg = self._route(token)
-        return self._finish(token, self.keys.key_for(issuer, kid, alg), alg, issuer)
+        return self._finish(token, self.keys.key_for(issuer, kid, alg), alg, issuer, digest)
 
-    def _remembered(self, token: str) -> VerifiedToken | None:
-        """The result of an earlier verification of exactly this token, its times checked again now."""
-        ttl = self.registry.verified_token_cache_seconds
-        if not ttl or not isinstance(token, str) or len(token) > MAX_TOKEN_CHARS:
+    def _digest(self, token: str) -> bytes | None:
+        """The key of ``token`` in the verified-token memory; None when there is no memory or it never holds it."""
+        if not self.registry.verified_token_cache_seconds or not isinstance(token, str) \
+                or len(token) > MAX_TOKEN_CHARS:
             return None
-        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
-        entry = self._verified_tokens.get(digest)
-        if entry is None:
+        return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+
+    def _remembered(self, digest: bytes | None) -> VerifiedToken | None:
+        """The result of an earlier verification of exactly this token, its times checked again now."""
+        entry = self._verified_tokens.get(digest) if digest is not None else None
+        if entry is None or digest is None:
             return None
         verified_at, claims, result = entry
-        if self._clock() - verified_at > ttl:
+        if self._clock() - verified_at > self.registry.verified_token_cache_seconds:
             with self._verified_lock:
                 self._verified_tokens.pop(digest, None)
             return None
         self._check_times(claims)  # an expired token stays expired, whatever the cache holds
         return result
 
-    def _remember(self, token: str, claims: dict[str, Any], result: VerifiedToken) -> None:
-        if not self.registry.verified_token_cache_seconds:
+    def _remember(self, digest: bytes | None, claims: dict[str, Any], result: VerifiedToken) -> None:
+        if digest is None:
             return
-        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
         with self._verified_lock:
             if len(self._verified_tokens) >= _VERIFIED_TOKENS_MAX:
                 self._verified_tokens.clear()  # rare (that many live tokens): start over, stay bounded
@@ -338,11 +342,11 @@ class TokenVerifier:
             raise TokenError("token header 'kid' must be a string")
         return issuer, kid, alg
 
-    def _finish(self, token: str, key: Any, alg: str, issuer: IssuerConfig) -> VerifiedToken:
+    def _finish(self, token: str, key: Any, alg: str, issuer: IssuerConfig, digest: bytes | None) -> VerifiedToken:
         claims = self._decode(token, key, alg, issuer)
         self._check_times(claims)
         result = self._verified(claims, issuer)
-        self._remember(token, claims, result)
+        self._remember(digest, claims, result)
         return result
 
     def _decode(self, token: str, key: Any, alg: str, issuer: IssuerConfig) -> dict[str, Any]:
