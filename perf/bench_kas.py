@@ -551,6 +551,26 @@ def step_passes(result: dict[str, Any]) -> bool:
             and (result["achieved_rps"] or 0) >= 0.95 * result["offered_rate"])
 
 
+def search_step(coalition: Any, target: str, rate: float, args: argparse.Namespace,
+                progress: Progress) -> dict[str, Any]:
+    """One step of the search; a step that fails is run once more and counts only if it fails twice.
+
+    On a shared 2-core machine one 8-second step can miss the p95 bound because of somebody else's
+    burst; the retry keeps one such step from ending the search (both runs are in the JSON).
+    """
+    result = run_phase(coalition, target, rate, args.search_duration, args.search_warmup, args,
+                       label=f"{target}@{rate:g}")
+    result["pass"] = step_passes(result)
+    if result["pass"] or not args.search_retry:
+        return result
+    progress.start(f"max search: {target} at {rate:g} req/s again (a step must fail twice)")
+    again = run_phase(coalition, target, rate, args.search_duration, args.search_warmup, args,
+                      label=f"{target}@{rate:g}-retry")
+    again["pass"] = step_passes(again)
+    again["first_attempt"] = result
+    return again
+
+
 def max_search(coalition: Any, args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     """Step the offered rate (x factor) until a step fails, per target, interleaved; then bisect."""
     steps: dict[str, list[dict[str, Any]]] = {t: [] for t in MAX_SEARCH_TARGETS}
@@ -559,9 +579,7 @@ def max_search(coalition: Any, args: argparse.Namespace, progress: Progress) -> 
     while active and rate <= args.search_max:
         for target in list(active):
             progress.start(f"max search: {target} at {rate:g} req/s for {args.search_duration:g} s")
-            result = run_phase(coalition, target, rate, args.search_duration, args.search_warmup, args,
-                               label=f"{target}@{rate:g}")
-            result["pass"] = step_passes(result)
+            result = search_step(coalition, target, rate, args, progress)
             steps[target].append(result)
             if not result["pass"]:
                 active.remove(target)
@@ -576,10 +594,7 @@ def max_search(coalition: Any, args: argparse.Namespace, progress: Progress) -> 
             if mid in (max(passed), min(failed)):
                 break
             progress.start(f"max search (refine): {target} at {mid:g} req/s")
-            result = run_phase(coalition, target, mid, args.search_duration, args.search_warmup, args,
-                               label=f"{target}@{mid:g}")
-            result["pass"] = step_passes(result)
-            steps[target].append(result)
+            steps[target].append(search_step(coalition, target, mid, args, progress))
     out: dict[str, Any] = {"criterion": f"p95 <= {P95_LIMIT_MS:g} ms, no error, achieved >= 0.95 x offered",
                            "steps": {t: sorted(s, key=lambda r: r["offered_rate"]) for t, s in steps.items()}}
     for target, results in steps.items():
@@ -690,6 +705,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     load.add_argument("--search-factor", type=float, default=1.6)
     load.add_argument("--search-max", type=float, default=2000.0)
     load.add_argument("--search-refine", type=int, default=1, help="bisection steps after the first failure")
+    load.add_argument("--no-search-retry", dest="search_retry", action="store_false",
+                      help="a failing search step ends the search at once (default: it is run again first)")
     load.add_argument("--search-duration", type=float, default=8.0)
     load.add_argument("--search-warmup", type=float, default=3.0)
     load.add_argument("--no-prime", dest="prime", action="store_false",

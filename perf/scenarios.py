@@ -364,10 +364,9 @@ def verify_answer(req: dict[str, Any], user: User, obj: Obj, base_url: str) -> s
 def cache_delta(start: dict[str, Any], end: dict[str, Any]) -> dict[str, Any] | None:
     """Cache counters over the measured window of one nation (its /stats before and after).
 
-    A lookup first asks the replica's own cache; on a miss, the nation's cache actor. A request is a
-    hit when either had the share, so hit rate = (replica hits + cache-actor hits) / replica lookups.
-    The cache actor also answers the replicas' public-key lookups (one every 30 s per replica),
-    which adds a handful of hits per minute.
+    A lookup first asks the replica's own cache; on a miss, the HSM actor, which answers from its
+    share memory or unwraps. A request is a hit when either had the share, so hit rate = (replica
+    hits + HSM-memory hits) / replica lookups.
     """
     try:
         r0, r1 = start["replica_cache"], end["replica_cache"]

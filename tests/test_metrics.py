@@ -437,7 +437,7 @@ def test_ray_metrics_endpoint_shows_exactly_the_traffic(oscar: Traffic) -> None:
         "rejected by the service": {("invalid_token",): 1.0},
         # One KAO rewrapped 5 times: one miss then replica hits; the corrupted KAO: one more miss.
         "share lookups": {("miss",): 2.0, ("hit_replica",): 4.0},
-        "cache actor share lookups": {("miss",): 2.0},
+        "cache actor share lookups": {},  # shares live in the HSM actor's memory, never in the cache actor
         "hsm unwraps": {(): 2.0},
         "hsm errors": {("unwrap", "key_unwrap_failed"): 1.0},
         "rate limited": {("public_key", "client"): 1.0},

@@ -61,3 +61,37 @@ def test_shared_cache_counts_hits(kas_cluster):
     replica_hits = after["replica_cache"]["hits"] - before["replica_cache"]["hits"]
     assert replica_hits == 2  # first rewrap unwraps through the HSM actor, the next two hit
     assert after["shared_cache"]["entries"] >= 1
+
+
+def test_hsm_actor_remembers_shares_and_unwraps_each_once(kas_cluster):
+    """The nation's shared share tier lives in the HSM actor: one private-key operation per wrapped key,
+    however many replicas ask at once; failures and unknown keys are never answered from memory."""
+    import os
+
+    import pytest
+    import ray
+
+    from kas_ray.errors import KeyNotFoundError, KeyUnwrapError
+    from kas_ray.serve.actors import NAMESPACE, hsm_actor_name
+    from kas_ray.ztdf.keyaccess import KasKey, decode_wrapped_key, wrap_share
+
+    hsm = ray.get_actor(hsm_actor_name("GBR"), namespace=NAMESPACE)
+    info = next(i for i in ray.get(hsm.keys.remote(), timeout=30) if i.algorithm == "rsa:2048")
+    share = os.urandom(32)
+    kas_key = KasKey(url=kas_cluster.url("GBR"), public_key_pem=info.public_key_pem, kid=info.kid,
+                     algorithm=info.algorithm, oaep_hash=info.oaep_hash or "sha1")
+    wrapped, _ = decode_wrapped_key(wrap_share(kas_key, share, "eyJ9"))
+    before = ray.get(hsm.share_stats.remote(), timeout=30)
+    answers = ray.get([hsm.unwrap_share.remote(info.kid, wrapped, None) for _ in range(6)], timeout=60)
+    assert [s for s, _ in answers] == [share] * 6
+    assert sum(not remembered for _, remembered in answers) == 1  # one private-key operation for six asks
+    assert ray.get(hsm.unwrap_share.remote(info.kid, wrapped, None), timeout=30) == (share, True)
+    after = ray.get(hsm.share_stats.remote(), timeout=30)
+    assert after.hits > before.hits and after.entries >= before.entries + 1
+
+    tampered = bytes([wrapped[0] ^ 1]) + wrapped[1:]
+    for _ in range(2):  # a failed unwrap is not remembered: the second ask fails the same way
+        with pytest.raises(KeyUnwrapError):
+            ray.get(hsm.unwrap_share.remote(info.kid, tampered, None), timeout=30)
+    with pytest.raises(KeyNotFoundError):  # the memory is keyed by the actor's own digest, kid included
+        ray.get(hsm.unwrap_share.remote("gbr-no-such-kid", wrapped, None), timeout=30)

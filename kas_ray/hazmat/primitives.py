@@ -107,8 +107,27 @@ def ec_unwrap(private_key: ec.EllipticCurvePrivateKey, ephemeral: ec.EllipticCur
 
 
 # --- key encoding ------------------------------------------------------------------------------------
+#: Recently parsed client public keys (a client rewraps many objects with one key); public data only.
+_PARSED_PEMS: dict[str | bytes, PublicKey] = {}
+_PARSED_PEMS_MAX = 4096
+_CACHED_PEM_MAX_CHARS = 8192  # an RSA-16384 SPKI PEM is ~2.8 KB: bounds the cache's memory
+
+
 def load_public_key_pem(pem: str | bytes) -> PublicKey:
     """Parse an SPKI PEM (or an X.509 certificate PEM) into an RSA or EC public key; ValueError otherwise."""
+    cacheable = isinstance(pem, str | bytes) and len(pem) <= _CACHED_PEM_MAX_CHARS
+    if cacheable and (known := _PARSED_PEMS.get(pem)) is not None:
+        return known
+    key = _load_public_key_pem(pem)
+    if not cacheable:
+        return key
+    if len(_PARSED_PEMS) >= _PARSED_PEMS_MAX:
+        _PARSED_PEMS.clear()  # rare: stay bounded, start over
+    _PARSED_PEMS[pem] = key
+    return key
+
+
+def _load_public_key_pem(pem: str | bytes) -> PublicKey:
     data = pem.encode() if isinstance(pem, str) else pem
     key: PublicKeyTypes
     try:

@@ -2,8 +2,12 @@
 
 The HSM actor is the only process of a nation that holds (or talks to) its private keys; replicas
 reach it through :class:`ActorKeyBackend`, which implements :class:`KeyBackend` so the rewrap path
-does not know whether keys are local or behind an actor. Both actors are named per nation in an
-explicit namespace, created idempotently, and restart when they die.
+does not know whether keys are local or behind an actor. It also remembers the shares it unwrapped
+(the nation's shared share tier): a replica's cache miss is then one actor call, not three (cache
+get, unwrap, cache put), and no other process of the nation holds unwrapped shares but the replicas'
+short-lived caches. The cache actor holds public data: public keys and JWKS documents.
+Both actors are named per nation in an explicit namespace, created idempotently, and restart when
+they die.
 """
 
 from __future__ import annotations
@@ -17,14 +21,14 @@ from typing import TYPE_CHECKING, Any
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError, TaskCancelledError
 
-from kas_ray.cache import CacheConfig, CacheKind, CacheStats, MemoryCache, ShareCache, kind_of
+from kas_ray.cache import CacheConfig, CacheKind, CacheStats, MemoryCache, ShareCache, kind_of, share_cache_key
 from kas_ray.config import KeyBackendConfig, Profile
 from kas_ray.errors import KasRayError, KeyBackendUnavailable
 from kas_ray.keys.base import Health, KeyBackend, KeyInfo
 from kas_ray.serve.metrics import CACHE_ACTOR_LOOKUPS, ray_metrics
 
 if TYPE_CHECKING:
-    from kas_ray.serve.metrics import CacheResult, KasMetrics
+    from kas_ray.serve.metrics import KasMetrics
 
 NAMESPACE = "kas-ray"
 _ACTOR_FAILURES = (RayActorError, ActorDiedError, ActorUnavailableError, GetTimeoutError)
@@ -59,17 +63,53 @@ def build_backend(spec: dict[str, Any], nation: str) -> KeyBackend:
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=16)
 class HsmActor:
-    """Holds one nation's key backend; answers public-key queries and unwrap calls."""
+    """Holds one nation's key backend; answers public-key queries and unwrap calls.
 
-    def __init__(self, nation: str, spec: dict[str, Any]) -> None:
+    ``unwrap_share`` remembers what it unwrapped (TTL + LRU, ``CacheConfig``): the same wrapped key
+    asked again, by any replica, costs no second private-key operation, and concurrent asks of one
+    wrapped key share one. The memory is keyed by this actor's own digest of (kid, key version,
+    wrapped key, ephemeral key), never by a caller's name for it, and the kid is looked up on every
+    call, so a key the backend disabled stops answering from memory too.
+    """
+
+    def __init__(self, nation: str, spec: dict[str, Any], cache_config: CacheConfig | None = None) -> None:
         self.nation = nation
         self.backend = build_backend(spec, nation)
+        self.shares = MemoryCache(cache_config)
+        self._unwrapping: dict[str, asyncio.Task[bytes]] = {}
 
     async def keys(self) -> list[KeyInfo]:
         return await self.backend.keys()
 
     async def unwrap(self, kid: str, wrapped: bytes, ephemeral_public_key_pem: str | None) -> bytes:
         return await self.backend.unwrap(kid, wrapped, ephemeral_public_key_pem)
+
+    async def unwrap_share(self, kid: str, wrapped: bytes,
+                           ephemeral_public_key_pem: str | None) -> tuple[bytes, bool]:
+        """The share of ``wrapped`` and whether it came from memory (no private-key operation)."""
+        info = await self.backend.key_info(kid)
+        key = share_cache_key(self.nation, info.kid, info.version, wrapped, ephemeral_public_key_pem)
+        share = self.shares.get(key)
+        if isinstance(share, bytes):
+            return share, True
+        task = self._unwrapping.get(key)
+        joined = task is not None
+        if task is None:  # one unwrap per key at a time; a caller that goes away does not cancel it
+            task = asyncio.create_task(self._unwrap_and_remember(key, kid, wrapped, ephemeral_public_key_pem))
+            task.add_done_callback(_retrieve)  # its failure reaches every caller; none left is no warning
+            self._unwrapping[key] = task
+        return await asyncio.shield(task), joined
+
+    async def _unwrap_and_remember(self, key: str, kid: str, wrapped: bytes, ephemeral: str | None) -> bytes:
+        try:
+            share = await self.backend.unwrap(kid, wrapped, ephemeral)
+            self.shares.put(key, share, CacheKind.SHARE)
+            return share
+        finally:
+            self._unwrapping.pop(key, None)
+
+    def share_stats(self) -> CacheStats:
+        return self.shares.snapshot()
 
     async def health(self) -> Health:
         return await self.backend.health()
@@ -78,9 +118,14 @@ class HsmActor:
         return os.getpid()
 
 
+def _retrieve(task: asyncio.Task[bytes]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
 class CacheActor:
-    """One nation's shared cache of unwrapped shares, public keys and JWKS (TTL + LRU)."""
+    """One nation's shared cache of public data: public keys and JWKS documents (TTL + LRU)."""
 
     def __init__(self, config: CacheConfig | None = None, nation: str = "") -> None:
         self.cache = MemoryCache(config)
@@ -107,12 +152,12 @@ def get_or_create_actors(nation: str, backend_spec: dict[str, Any], cache_config
                          *, resources: dict[str, float] | None = None) -> tuple[Any, Any]:
     """The nation's (hsm, cache) actor handles, created on first call (idempotent across replicas).
 
-    ``resources`` pin both actors to the nation's nodes: the cache actor holds unwrapped shares too.
+    ``resources`` pin both actors to the nation's nodes (the HSM actor remembers unwrapped shares).
     """
     options: dict[str, Any] = {"namespace": NAMESPACE, "lifetime": "detached", "get_if_exists": True}
     if resources:
         options["resources"] = resources
-    hsm = HsmActor.options(name=hsm_actor_name(nation), **options).remote(nation, backend_spec)
+    hsm = HsmActor.options(name=hsm_actor_name(nation), **options).remote(nation, backend_spec, cache_config)
     cache = CacheActor.options(name=cache_actor_name(nation), **options).remote(cache_config, nation)
     return hsm, cache
 
@@ -138,9 +183,11 @@ class ActorKeyBackend(KeyBackend):
 
     def __init__(self, hsm: Any, nation: str, *, cache: Any = None, timeout: float = 10.0,
                  info_ttl: float = 30.0, reconnect: Callable[[], Any] | None = None,
-                 metrics: KasMetrics | None = None) -> None:
+                 metrics: KasMetrics | None = None, count_share_lookups: bool = True) -> None:
         self._hsm = hsm
         self._metrics = metrics
+        #: False when another shared tier (Redis) counts the replica's misses already.
+        self._count_share_lookups = count_share_lookups
         #: Looks the named HSM actor up again (re-creating it) when it died for good.
         self._reconnect = reconnect
         self._cache = cache
@@ -150,7 +197,8 @@ class ActorKeyBackend(KeyBackend):
         self._infos: list[KeyInfo] | None = None
         self._infos_at = 0.0
 
-    async def _call(self, method: str, *args: Any) -> Any:
+    async def _call(self, method: str, *args: Any, label: str | None = None) -> Any:
+        """``method`` of the HSM actor with a deadline; ``label`` names it in the metrics."""
         started = time.perf_counter()
         failure: str | None = "internal"  # what the metrics call it; None once the actor answered
         try:
@@ -177,7 +225,7 @@ class ActorKeyBackend(KeyBackend):
             raise
         finally:
             if self._metrics is not None and failure != "cancelled":
-                self._metrics.hsm_call(method, time.perf_counter() - started, failure)
+                self._metrics.hsm_call(label or method, time.perf_counter() - started, failure)
 
     async def keys(self) -> list[KeyInfo]:
         now = asyncio.get_running_loop().time()
@@ -194,7 +242,20 @@ class ActorKeyBackend(KeyBackend):
         self._infos = None
 
     async def unwrap(self, kid: str, wrapped: bytes, ephemeral_public_key_pem: str | None = None) -> bytes:
-        return await self._call("unwrap", kid, wrapped, ephemeral_public_key_pem)
+        """One actor call: the HSM actor answers from its share memory or unwraps (and remembers)."""
+        remembered = False
+        try:
+            share, remembered = await self._call("unwrap_share", kid, wrapped, ephemeral_public_key_pem,
+                                                 label="unwrap")
+        finally:  # a failed unwrap was a miss too
+            if self._metrics is not None and self._count_share_lookups:
+                self._metrics.share_lookup("hit_shared" if remembered else "miss")
+        return bytes(share)
+
+    async def share_stats(self) -> CacheStats | None:
+        """The HSM actor's share memory counters; None if it does not answer quickly."""
+        stats = await _best_effort(self._hsm.share_stats.remote())
+        return stats if isinstance(stats, CacheStats) else None
 
     async def health(self) -> Health:
         return await self._call("health")
@@ -234,43 +295,32 @@ class ActorDocuments:
         self._actor.put.remote(key, document, CacheKind.JWKS)  # fire and forget: best effort
 
 
-class TieredShareCache(ShareCache):
-    """A small per-replica cache in front of the nation's cache actor (saves an actor hop on hits).
+class ReplicaShareCache(ShareCache):
+    """The replica's own short-lived share cache, in front of the HSM actor's share memory.
 
-    The cache actor is best effort: if it is slow or gone the request goes on as a miss.
+    A miss here goes to :meth:`ActorKeyBackend.unwrap`, where the HSM actor answers from its
+    memory or unwraps: one actor call. The local TTL is short, so that a key the HSM actor stops
+    honouring (disabled, rotated out) stops being served by replicas within it too.
     """
 
-    def __init__(self, actor: Any, local: MemoryCache | None = None, *, timeout: float = 1.0,
-                 local_ttl: float = 15.0, metrics: KasMetrics | None = None) -> None:
-        self._actor = actor
+    def __init__(self, keys: ActorKeyBackend, local: MemoryCache | None = None, *, local_ttl: float = 15.0,
+                 metrics: KasMetrics | None = None) -> None:
+        self._keys = keys
         self._metrics = metrics
         self.local = local or MemoryCache(CacheConfig(max_entries=10_000))
-        self._timeout = timeout
-        #: Short, so an invalidation in the cache actor reaches every replica quickly.
         self._local_ttl = local_ttl
 
     async def aget(self, key: str) -> object | None:
         value = self.local.get(key)
-        if value is not None:
-            self._count("hit_replica")
-            return value
-        value = await _best_effort(self._actor.get.remote(key), self._timeout)
-        if value is not None:
-            self.local.put(key, value, CacheKind.SHARE, ttl=self._local_ttl)
-        self._count("miss" if value is None else "hit_shared")
+        if value is not None and self._metrics is not None:
+            self._metrics.share_lookup("hit_replica")  # misses are counted where the HSM actor answers
         return value
-
-    def _count(self, result: CacheResult) -> None:
-        if self._metrics is not None:
-            self._metrics.share_lookup(result)
 
     async def aput(self, key: str, value: object, kind: CacheKind) -> None:
         self.local.put(key, value, kind, ttl=self._local_ttl)
-        await _best_effort(self._actor.put.remote(key, value, kind), self._timeout)
 
     def snapshot(self) -> CacheStats:
         return self.local.snapshot()
 
     async def shared_stats(self) -> CacheStats | None:
-        stats = await _best_effort(self._actor.stats.remote(), self._timeout)
-        return stats if isinstance(stats, CacheStats) else None
+        return await self._keys.share_stats()

@@ -26,7 +26,7 @@ from kas_ray.federation.envelope import FederationKey
 from kas_ray.kas.service import RewrapCall, RewrapService
 from kas_ray.policy import PolicyEngine
 from kas_ray.serve import openapi as docs
-from kas_ray.serve.actors import ActorDocuments, ActorKeyBackend, TieredShareCache, get_or_create_actors
+from kas_ray.serve.actors import ActorDocuments, ActorKeyBackend, ReplicaShareCache, get_or_create_actors
 from kas_ray.serve.http import KasHttpApi
 from kas_ray.serve.metrics import KasMetrics, MetricsAuditSink
 from kas_ray.shared.wiring import SharedState, build_shared_state
@@ -108,17 +108,18 @@ def build_service(settings: NationSettings, shared: SharedState | None = None,
     federation = build_federation(settings, replay)
     for peer in federation.peers if federation else ():
         audit.set_breaker(peer, "closed")
+    keys = ActorKeyBackend(hsm, settings.nation, cache=cache, timeout=settings.hsm_timeout_seconds,
+                           reconnect=reconnect, metrics=metrics, count_share_lookups=shared.cache is None)
     return RewrapService(
         settings.nation,
-        keys=ActorKeyBackend(hsm, settings.nation, cache=cache, timeout=settings.hsm_timeout_seconds,
-                             reconnect=reconnect, metrics=metrics),
+        keys=keys,
         trust=trust,
         verifier=TokenVerifier(trust, shared_jwks=ActorDocuments(cache)),
         policy=PolicyEngine(abac),
         replay=replay,
         audit=audit,
         federation=federation,
-        cache=shared.cache or TieredShareCache(cache, metrics=metrics),
+        cache=shared.cache or ReplicaShareCache(keys, metrics=metrics),
         public_urls=[settings.public_url],
         limits=settings.limits,
         rate_limiter=shared.rate_limiter,
@@ -137,7 +138,11 @@ async def handle_envelope(handler: Callable[..., Awaitable[Any]], *args: Any) ->
 
 
 # Serve serializes the class when it is decorated: everything it uses must be defined above it.
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64, health_check_period_s=10)
+# Serve's per-request access log is off: the audit log records every key decision and kas_http_requests_total
+# every answer, and the access log line cost ~3 % of a replica's CPU per request (and per forward).
+# A Serve config turns it back on per deployment: ``logging_config: {enable_access_log: true}``.
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64, health_check_period_s=10,
+                  logging_config={"enable_access_log": False})
 @serve.ingress(app)
 class NationKAS:
     """HTTP routes of one nation's KAS; each route delegates to :class:`KasHttpApi`."""
@@ -207,7 +212,7 @@ class NationKAS:
              openapi_extra=docs.STATS)
     async def stats(self) -> Response:
         cache = self.service.cache
-        shared_stats = getattr(cache, "shared_stats", None)  # TieredShareCache or TwoTierShareCache
+        shared_stats = getattr(cache, "shared_stats", None)  # ReplicaShareCache or TwoTierShareCache
         shared = await shared_stats() if shared_stats is not None else None
         return JSONResponse({"nation": self.settings.nation, "replica_cache": _stats(cache.snapshot()),
                              "shared_cache": _stats(shared) if shared else None,

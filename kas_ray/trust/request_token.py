@@ -15,7 +15,7 @@ import jwt
 from kas_ray.config import ALLOWED_TOKEN_ALGORITHMS
 from kas_ray.errors import SignedRequestError
 from kas_ray.trust.jwks import PrivateKey, check_key_for_alg, default_alg, public_key_from_jwk
-from kas_ray.trust.tokens import decode_unverified, numeric_date, peek_header, verified_payload
+from kas_ray.trust.tokens import numeric_date, peek_header, peek_jws, verified_payload
 
 #: A rewrap request with many key access objects stays far below this.
 MAX_SRT_CHARS = 1 << 20
@@ -45,8 +45,7 @@ def verify_signed_request(
     not have passed (``leeway_seconds`` tolerates client clock skew).
     """
     if dpop_jwk is None:
-        decoded = decode_unverified(srt, SignedRequestError, "signed request token", MAX_SRT_CHARS)
-        header, claims = decoded["header"], decoded["payload"]
+        header, claims = peek_jws(srt, SignedRequestError, "signed request token", MAX_SRT_CHARS)
     else:  # the header picks the check; _verified_claims parses (and checks) the whole token once
         header = peek_header(srt, SignedRequestError, "signed request token", MAX_SRT_CHARS)
     alg = header.get("alg")

@@ -11,10 +11,7 @@ Error messages never contain the token.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import hashlib
-import json
 import math
 import re
 import threading
@@ -35,6 +32,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kas_ray.config import IssuerConfig, TrustRegistry
 from kas_ray.errors import KasRayError, TokenError, UntrustedIssuerError
+from kas_ray.hazmat import jws
+from kas_ray.hazmat.jws import JwsError, JwsSignatureError
 from kas_ray.trust.jwks import JwksCache, SharedDocuments
 
 #: Longest access token accepted; real ones are a few KiB, anything bigger is abuse.
@@ -68,26 +67,8 @@ def numeric_date(claims: Mapping[str, Any], name: str, error: type[KasRayError],
     return float(value)
 
 
-_B64URL = re.compile(rb"[A-Za-z0-9_-]*")
 #: Bound of TokenVerifier's verified-token memory (distinct live tokens of one replica).
 _VERIFIED_TOKENS_MAX = 10_000
-
-
-def _b64url_segment(segment: bytes) -> bytes:
-    """One JWS segment under PyJWT's strict rules (``PyJWS._decode_base64url_segment``): at most two
-    ``=`` and only on a length that is a multiple of 4, the URL-safe alphabet only, canonical
-    encoding. One regex instead of PyJWT's Python loop over every character. ValueError otherwise."""
-    stripped = segment.rstrip(b"=")
-    padding = len(segment) - len(stripped)
-    if padding > 2 or (padding and len(segment) % 4) or len(stripped) % 4 == 1 or not _B64URL.fullmatch(stripped):
-        raise ValueError("invalid base64url segment")
-    try:
-        decoded = base64.urlsafe_b64decode(stripped + b"=" * (-len(stripped) % 4))
-    except binascii.Error:
-        raise ValueError("invalid base64url segment") from None
-    if base64.urlsafe_b64encode(decoded).rstrip(b"=") != stripped:
-        raise ValueError("non-canonical base64url segment")
-    return decoded
 
 
 def _peek(token: object, error: type[KasRayError], what: str, max_chars: int,
@@ -97,15 +78,9 @@ def _peek(token: object, error: type[KasRayError], what: str, max_chars: int,
     if len(token) > max_chars:
         raise error(f"{what} is longer than {max_chars} characters")
     try:
-        parts = token.encode("utf-8").split(b".")
-        if len(parts) != 3:
-            raise ValueError("not three segments")
-        header = json.loads(_b64url_segment(parts[0]))
-        claims = json.loads(_b64url_segment(parts[1])) if payload else {}
-    except (ValueError, UnicodeError, RecursionError):
+        header, claims = jws.parse(token, claims=payload)
+    except JwsError:
         raise error(f"{what} is not a well-formed JWT") from None
-    if not isinstance(header, dict) or not isinstance(claims, dict):
-        raise error(f"{what} is not a well-formed JWT")
     unsupported = sorted(_UNSUPPORTED_HEADERS & set(header))
     if unsupported:
         raise error(f"{what} uses unsupported header parameters {unsupported}")
@@ -119,38 +94,13 @@ def peek_header(token: object, error: type[KasRayError], what: str, max_chars: i
 
 def peek_jws(token: object, error: type[KasRayError], what: str,
              max_chars: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Header and claims of a compact JWS, read to choose how to verify it.
+    """Header and claims of a compact JWS, its signature not checked (:func:`kas_ray.hazmat.jws.parse`).
 
-    Nothing is verified and the signature segment is not decoded: only for a token that the caller
-    then verifies with PyJWT (which re-checks every segment), so that PyJWT parses each token once
-    instead of twice (its per-character base64url check is the costly part). Same shape rules as
-    :func:`decode_unverified`: three segments, PyJWT's strict base64url rules, JSON objects, no
-    unsupported header parameters; ``error`` otherwise.
+    To choose how to verify a token, or for one whose signature cannot mean anything. Every segment
+    must be strict base64url, header and claims JSON objects, no unsupported header parameters;
+    ``error`` otherwise (the message never contains the token).
     """
     return _peek(token, error, what, max_chars, True)
-
-
-def decode_unverified(token: object, error: type[KasRayError], what: str, max_chars: int) -> dict[str, Any]:
-    """Header and payload of a compact JWS without checking anything but its shape."""
-    if not isinstance(token, str) or not token:
-        raise error(f"no {what}")
-    if len(token) > max_chars:
-        raise error(f"{what} is longer than {max_chars} characters")
-    try:
-        decoded = jwt.api_jwt.decode_complete(token, options={"verify_signature": False})
-    except (PyJWTError, ValueError, TypeError, RecursionError):
-        raise error(f"{what} is not a well-formed JWT") from None
-    header = decoded["header"]
-    unsupported = sorted(_UNSUPPORTED_HEADERS & set(header))
-    if unsupported:
-        raise error(f"{what} uses unsupported header parameters {unsupported}")
-    return decoded
-
-
-#: pyjwt options for "signature only": callers check claims themselves with their own clock.
-_SIGNATURE_ONLY: dict[str, Any] = {
-    f"verify_{claim}": False for claim in ("exp", "nbf", "iat", "aud", "iss", "sub", "jti")
-}
 
 
 def verified_payload(
@@ -158,10 +108,10 @@ def verified_payload(
 ) -> dict[str, Any]:
     """Claims of a JWS whose signature verifies with ``key`` under ``alg``; no claim is checked."""
     try:
-        return jwt.decode(token, key, algorithms=[alg], options=_SIGNATURE_ONLY)  # type: ignore[arg-type]
-    except InvalidSignatureError:
+        return jws.verify(token, key, alg)[1]
+    except JwsSignatureError:
         raise error(f"{what} signature does not verify with {key_name}") from None
-    except PyJWTError as exc:
+    except JwsError as exc:
         raise error(f"{what} rejected: {exc}") from None
 
 
