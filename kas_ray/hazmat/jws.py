@@ -150,11 +150,11 @@ def verify(token: str, key: object, alg: str) -> tuple[dict[str, Any], dict[str,
         raise JwsError("header 'kid' must be a string")
     claims = _json_object(parts[1], "payload")
     signature = b64url_decode(parts[2])
-    verify_signature(key, alg, parts[0] + b"." + parts[1], signature)
+    _verify_signature(key, alg, parts[0] + b"." + parts[1], signature)
     return header, claims
 
 
-def verify_signature(key: object, alg: str, signing_input: bytes, signature: bytes) -> None:
+def _verify_signature(key: object, alg: str, signing_input: bytes, signature: bytes) -> None:
     """Check a JWS signature (RS*, PS*, ES*); JwsSignatureError if it does not verify."""
     digest = _hash_of(alg)
     try:

@@ -81,9 +81,6 @@ class HsmActor:
     async def keys(self) -> list[KeyInfo]:
         return await self.backend.keys()
 
-    async def unwrap(self, kid: str, wrapped: bytes, ephemeral_public_key_pem: str | None) -> bytes:
-        return await self.backend.unwrap(kid, wrapped, ephemeral_public_key_pem)
-
     async def unwrap_share(self, kid: str, wrapped: bytes,
                            ephemeral_public_key_pem: str | None) -> tuple[bytes, bool]:
         """The share of ``wrapped`` and whether it came from memory (no private-key operation)."""
