@@ -227,6 +227,46 @@ def test_allof_results_per_kao_and_anyof_marks_unneeded(fed: Federation) -> None
     assert bravo.message == f"KAS {fed.url('ALPHA')} refused: not needed: another KAS released split 0"
 
 
+def test_concurrent_allof_forwards_to_one_peer_share_handle_calls(fed: Federation) -> None:
+    """allOf forwards to one peer that start together travel in one ``forward_batch`` call, and each is
+    still verified, decided, audited and answered on its own: every object decrypts to its own plaintext."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    fed.deploy(["ALPHA"], forward_batch_seconds=0.1)  # a wide window: the batching is certain, not timing luck
+    try:
+        tdfs = [fed.tdf([[("ALPHA", "ec:secp256r1")], [("CHARLIE", "rsa:2048")]], f"batched allOf {i}")
+                for i in range(8)]
+        before = fed.status("ALPHA")["counters"]
+        released_before = sum(1 for r in fed.audit("CHARLIE") if r.get("action") == "KEY_RELEASED")
+        with ThreadPoolExecutor(len(tdfs)) as pool:
+            plaintexts = list(pool.map(lambda t: _decrypt(t, fed.client("ALPHA")), tdfs))
+        assert plaintexts == [t.plaintext for t in tdfs]
+        after = fed.status("ALPHA")["counters"]
+        sent = after.get("forwards_sent", 0) - before.get("forwards_sent", 0)
+        batched = after["forwards_sent_in_batches"] - before.get("forwards_sent_in_batches", 0)
+        batches = after["handle_batches_sent"] - before.get("handle_batches_sent", 0)
+        assert sent == 8 and batches >= 1 and batched >= 2 and batched <= sent, (sent, batches, batched)
+        released = sum(1 for r in fed.audit("CHARLIE") if r.get("action") == "KEY_RELEASED") - released_before
+        assert released == 8  # one decision per forward at the peer, batched or not
+    finally:
+        fed.deploy(["ALPHA"])
+
+
+def test_forward_batch_refuses_what_is_not_a_batch_of_forwards(fed: Federation) -> None:
+    """A batch that is not a list of 1-32 messages is one clean error; a bad message in a batch is refused
+    on its own while a good neighbour would still be answered (each message carries its own signature)."""
+    from ray import serve
+
+    from kas_ray.federation.peers import MAX_FORWARD_BATCH
+
+    peer = serve.get_app_handle("charlie")
+    for junk in ("nope", [], [{}] * (MAX_FORWARD_BATCH + 1), {"envelope": "x"}):
+        answers = peer.forward_batch.remote(junk).result(timeout_s=30)
+        assert [a["error"]["code"] for a in answers] == ["bad_format"], answers
+    answers = peer.forward_batch.remote([{"envelope": "not a JWS", "body": "{}"}, 7]).result(timeout_s=30)
+    assert len(answers) == 2 and all("error" in a and "ok" not in a for a in answers), answers
+
+
 # --- latency: anyOf costs the fastest peer, the slow call is cancelled at the peer --------------------------
 def _timed(client: HomeKasClient, tdf: Tdf, n: int) -> tuple[list[float], list[bytes | KasRayError]]:
     samples: list[float] = []

@@ -554,7 +554,8 @@ class ForgingPeer(PeerTransport):
         self.tamper = tamper
         self.replies: list[dict[str, Any]] = []
 
-    async def forward(self, peer: PeerConfig, message: dict[str, Any], timeout: float) -> dict[str, Any]:
+    async def forward(self, peer: PeerConfig, message: dict[str, Any], timeout: float, *,
+                      batchable: bool = False) -> dict[str, Any]:
         honest = await self.real.forward(peer, message, timeout)
         self.replies.append(honest)
         return self.tamper(message, honest)
@@ -636,7 +637,8 @@ def test_replayed_peer_result_is_refused(co: Coalition) -> None:
     """USA's genuine, correctly signed answer to one forward, replayed as the answer to the next."""
 
     class Replaying(ForgingPeer):
-        async def forward(self, peer: PeerConfig, message: dict[str, Any], timeout: float) -> dict[str, Any]:
+        async def forward(self, peer: PeerConfig, message: dict[str, Any], timeout: float, *,
+                          batchable: bool = False) -> dict[str, Any]:
             honest = await self.real.forward(peer, message, timeout)
             self.replies.append(honest)
             return self.replies[0]
@@ -676,7 +678,8 @@ def test_request_cancelled_as_its_forward_answers_records_each_kao_once(co: Coal
     class Leaving(ForgingPeer):
         victim: asyncio.Task[Any] | None = None
 
-        async def forward(self, peer: PeerConfig, message: dict[str, Any], timeout: float) -> dict[str, Any]:
+        async def forward(self, peer: PeerConfig, message: dict[str, Any], timeout: float, *,
+                          batchable: bool = False) -> dict[str, Any]:
             honest = await self.real.forward(peer, message, timeout)
             assert self.victim is not None
             self.victim.cancel()  # the home's request is cancelled before it sees the finished forward
@@ -704,7 +707,8 @@ def test_forward_that_outlives_the_deadline_records_nothing_more(co: Coalition) 
     class Deaf(ForgingPeer):
         answered: asyncio.Event
 
-        async def forward(self, peer: PeerConfig, message: dict[str, Any], timeout: float) -> dict[str, Any]:
+        async def forward(self, peer: PeerConfig, message: dict[str, Any], timeout: float, *,
+                          batchable: bool = False) -> dict[str, Any]:
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.sleep(10)
             honest = await self.real.forward(peer, message, timeout)
@@ -932,7 +936,8 @@ class Recording(PeerTransport):
         self.inner = inner
         self.wire: list[str] = []
 
-    async def forward(self, peer: PeerConfig, message: dict[str, Any], timeout: float) -> dict[str, Any]:
+    async def forward(self, peer: PeerConfig, message: dict[str, Any], timeout: float, *,
+                      batchable: bool = False) -> dict[str, Any]:
         reply = await self.inner.forward(peer, message, timeout)
         self.wire += [json.dumps(message), json.dumps(reply)]
         return reply

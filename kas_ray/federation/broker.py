@@ -76,7 +76,8 @@ class Federation:
         self.listener = on_event or (lambda kind, fields: None)
         self.breakers = BreakerBoard(config.breaker, list(self.peers), on_transition=self._transition)
         #: By transport kind; ``transports`` adds or replaces kinds (``local`` exists only when given).
-        self._transports: dict[str, PeerTransport] = {"handle": HandlePeerTransport(), **(transports or {})}
+        self._handles = HandlePeerTransport(batch_window=config.forward_batch_seconds)
+        self._transports: dict[str, PeerTransport] = {"handle": self._handles, **(transports or {})}
         if "https" not in self._transports and any(p.transport == "https" for p in config.peers):
             self._transports["https"] = HttpsPeerTransport(config.tls)
         missing = sorted({p.transport for p in config.peers} - set(self._transports))
@@ -95,8 +96,12 @@ class Federation:
 
     # --- outbound ----------------------------------------------------------------------------------------
     async def forward(self, peer: PeerConfig, body: dict[str, Any], *, hops: list[str],
-                      deadline: float) -> PeerAnswer:
-        """Send ``body`` to ``peer`` under its breaker; verify and return its signed answer."""
+                      deadline: float, batchable: bool = False) -> PeerAnswer:
+        """Send ``body`` to ``peer`` under its breaker; verify and return its signed answer.
+
+        ``batchable``: only this peer can answer these KAOs (allOf), so the forward will not be cancelled
+        before the deadline and may share a handle call with others (``forward_batch_seconds``).
+        """
         remaining = deadline - self._clock()
         if remaining <= 0:
             raise ForwardError("deadline passed before the forward was sent")
@@ -107,7 +112,7 @@ class Federation:
         timeout = min(self.config.peer_timeout_seconds, remaining)
         self.counters["forwards_sent"] += 1
         async with self.breakers.get(peer.nation).guard():
-            reply = await self._transports[peer.transport].forward(peer, message, timeout)
+            reply = await self._transports[peer.transport].forward(peer, message, timeout, batchable=batchable)
         answer = verify_result(reply, me=self.nation, peer=peer.nation, nonce=nonce, keys=self.keys,
                                now=self._clock())
         sent = {item["keyAccessObjectId"] for item in body["keyAccessObjects"]}
@@ -157,7 +162,8 @@ class Federation:
             "mode": self.config.mode,
             "peers": {n: {"url": p.url, "transport": p.transport, "breaker": self.breakers.get(n).snapshot()}
                       for n, p in self.peers.items()},
-            "counters": dict(self.counters),
+            "counters": {**self.counters, "handle_batches_sent": self._handles.batches,
+                         "forwards_sent_in_batches": self._handles.batched_forwards},
         }
 
     async def close(self) -> None:

@@ -12,6 +12,7 @@ import abc
 import asyncio
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -24,10 +25,19 @@ if TYPE_CHECKING:
     from kas_ray.kas.service import RewrapService
 
 
+#: Most forwards one batched handle call carries (the peer refuses a longer list).
+MAX_FORWARD_BATCH = 32
+
+
 class PeerTransport(abc.ABC):
     @abc.abstractmethod
-    async def forward(self, peer: PeerConfig, message: dict[str, Any], timeout: float) -> dict[str, Any]:
-        """Deliver a signed forward; return the peer's signed result message."""
+    async def forward(self, peer: PeerConfig, message: dict[str, Any], timeout: float, *,
+                      batchable: bool = False) -> dict[str, Any]:
+        """Deliver a signed forward; return the peer's signed result message.
+
+        ``batchable``: the caller will not cancel this forward before its deadline (allOf), so a
+        transport may send it together with others to the same peer.
+        """
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
@@ -45,11 +55,29 @@ def _unwrap_envelope(peer: PeerConfig, envelope: Any) -> dict[str, Any]:
     return result
 
 
-class HandlePeerTransport(PeerTransport):
-    """In-cluster: the peer nation's deployment ``forward`` method through a Serve handle."""
+@dataclass
+class _Queued:
+    message: dict[str, Any]
+    timeout: float
+    answer: asyncio.Future[dict[str, Any]]
 
-    def __init__(self) -> None:
+
+class HandlePeerTransport(PeerTransport):
+    """In-cluster: the peer nation's deployment ``forward`` method through a Serve handle.
+
+    With a ``batch_window``, batchable forwards to one peer that start within the window share one
+    call of the peer's ``forward_batch``: the hop (router, gRPC, the peer replica's request path) is
+    paid once. A forward cancelled before its batch leaves is never sent.
+    """
+
+    def __init__(self, batch_window: float | None = None) -> None:
         self._handles: dict[str, Any] = {}
+        self._window = batch_window
+        self._queues: dict[str, list[_Queued]] = {}
+        self._flushing: set[asyncio.Task[None]] = set()
+        #: Batched handle calls sent, and the forwards they carried.
+        self.batches = 0
+        self.batched_forwards = 0
 
     async def _handle(self, peer: PeerConfig) -> Any:
         name = peer.app_name or peer.nation.lower()
@@ -62,11 +90,16 @@ class HandlePeerTransport(PeerTransport):
                 raise PeerUnavailable(f"peer {peer.nation} has no Serve application {name!r}") from None
         return self._handles[name]
 
-    async def forward(self, peer: PeerConfig, message: dict[str, Any], timeout: float) -> dict[str, Any]:
+    async def forward(self, peer: PeerConfig, message: dict[str, Any], timeout: float, *,
+                      batchable: bool = False) -> dict[str, Any]:
+        if batchable and self._window:
+            return await self._forward_batched(peer, message, timeout)
         handle = await self._handle(peer)
-        response = handle.forward.remote(message)
+        return _unwrap_envelope(peer, await self._call(peer, handle.forward.remote(message), timeout))
+
+    async def _call(self, peer: PeerConfig, response: Any, timeout: float) -> Any:
         try:
-            envelope = await asyncio.wait_for(response, timeout)
+            return await asyncio.wait_for(response, timeout)
         except asyncio.CancelledError:
             response.cancel()  # stop the call at the peer, not just our wait for it
             raise
@@ -77,7 +110,54 @@ class HandlePeerTransport(PeerTransport):
             raise
         except Exception as exc:  # noqa: BLE001 - dead replica, actor errors
             raise PeerUnavailable(f"peer {peer.nation} failed: {exc.__class__.__name__}") from None
-        return _unwrap_envelope(peer, envelope)
+
+    async def _forward_batched(self, peer: PeerConfig, message: dict[str, Any], timeout: float) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        queued = _Queued(message, timeout, loop.create_future())
+        queue = self._queues.setdefault(peer.nation, [])
+        queue.append(queued)
+        if len(queue) == 1:
+            loop.call_later(self._window or 0.0, self._start_flush, peer)
+        elif len(queue) >= MAX_FORWARD_BATCH:
+            self._start_flush(peer)
+        try:
+            return await asyncio.wait_for(queued.answer, timeout)
+        except TimeoutError:
+            raise PeerUnavailable(f"peer {peer.nation} timed out after {timeout:.1f}s") from None
+
+    def _start_flush(self, peer: PeerConfig) -> None:
+        batch = [q for q in self._queues.pop(peer.nation, []) if not q.answer.done()]  # cancelled: not sent
+        if batch:
+            task = asyncio.ensure_future(self._flush(peer, batch))
+            self._flushing.add(task)
+            task.add_done_callback(self._flushing.discard)
+
+    async def _flush(self, peer: PeerConfig, batch: list[_Queued]) -> None:
+        timeout = max(q.timeout for q in batch)
+        try:
+            handle = await self._handle(peer)
+            if len(batch) == 1:
+                envelopes = [await self._call(peer, handle.forward.remote(batch[0].message), timeout)]
+            else:
+                self.batches += 1
+                self.batched_forwards += len(batch)
+                envelopes = await self._call(peer, handle.forward_batch.remote([q.message for q in batch]), timeout)
+            if not isinstance(envelopes, list) or len(envelopes) != len(batch):
+                raise PeerUnavailable(f"peer {peer.nation} sent a malformed answer")
+        except Exception as exc:  # noqa: BLE001 - every forward of the batch fails the same way
+            failure = exc if isinstance(exc, KasRayError) else PeerUnavailable(
+                f"peer {peer.nation} failed: {exc.__class__.__name__}")
+            for q in batch:
+                if not q.answer.done():
+                    q.answer.set_exception(failure)
+            return
+        for q, envelope in zip(batch, envelopes, strict=True):
+            if q.answer.done():  # the caller gave up meanwhile
+                continue
+            try:
+                q.answer.set_result(_unwrap_envelope(peer, envelope))
+            except KasRayError as exc:
+                q.answer.set_exception(exc)
 
 
 class HttpsPeerTransport(PeerTransport):
@@ -91,7 +171,8 @@ class HttpsPeerTransport(PeerTransport):
 
             self._client = httpx.AsyncClient(verify=client_ssl_context(identity))
 
-    async def forward(self, peer: PeerConfig, message: dict[str, Any], timeout: float) -> dict[str, Any]:
+    async def forward(self, peer: PeerConfig, message: dict[str, Any], timeout: float, *,
+                      batchable: bool = False) -> dict[str, Any]:
         assert peer.gateway_url is not None
         url = f"{peer.gateway_url.rstrip('/')}/{peer.nation.lower()}/federation/forward"
         try:
@@ -126,7 +207,8 @@ class LocalPeerTransport(PeerTransport):
     def __init__(self, services: Mapping[str, RewrapService]) -> None:
         self._services = services
 
-    async def forward(self, peer: PeerConfig, message: dict[str, Any], timeout: float) -> dict[str, Any]:
+    async def forward(self, peer: PeerConfig, message: dict[str, Any], timeout: float, *,
+                      batchable: bool = False) -> dict[str, Any]:
         service = self._services.get(peer.nation)
         if service is None:
             raise PeerUnavailable(f"peer {peer.nation} is not in this process")

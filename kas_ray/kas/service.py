@@ -356,8 +356,12 @@ class RewrapService:
         local_failed = asyncio.Event()
         held: set[str] = set()  # forwards not sent (yet)
         for nation, items in groups.items():
-            covered = hedge is not None and {split[i.key_access_object_id] for i in items} <= local_splits
-            forward = self._forward(ctx, req, work, nation, items)
+            splits = {split[i.key_access_object_id] for i in items}
+            covered = hedge is not None and splits <= local_splits
+            # Splits no one else holds (allOf): nothing will cancel this forward, so it may be batched.
+            sole = not splits & (local_splits | {split[i.key_access_object_id] for other, its in groups.items()
+                                                 if other != nation for i in its})
+            forward = self._forward(ctx, req, work, nation, items, batchable=sole)
             if covered:
                 held.add(nation)
                 forward = _after(local_failed, hedge, forward, on_start=functools.partial(held.discard, nation))
@@ -401,7 +405,7 @@ class RewrapService:
         return [await self._kao(ctx, work, item)]
 
     async def _forward(self, ctx: _Request, req: PolicyRequest, work: _PolicyWork, nation: str,
-                       items: list[KaoRequest]) -> list[KaoResult]:
+                       items: list[KaoRequest], *, batchable: bool = False) -> list[KaoResult]:
         assert self.federation is not None
         peer = self.federation.peers[nation]
         body = {
@@ -415,7 +419,8 @@ class RewrapService:
         }
         started = time.perf_counter()
         try:
-            answer = await self.federation.forward(peer, body, hops=ctx.call.hops, deadline=ctx.deadline)
+            answer = await self.federation.forward(peer, body, hops=ctx.call.hops, deadline=ctx.deadline,
+                                                   batchable=batchable)
         except KasRayError as exc:
             if not ctx.abandoned.issuperset(i.key_access_object_id for i in items):
                 self._audit_federation(ctx, work, AuditAction.FORWARD_FAILED, nation, [exc.message], started, exc)

@@ -2,13 +2,14 @@
 
 One Serve application per nation, at route prefix ``/{nation}``: the Serve proxy routes straight
 to the nation's replicas (no extra hop). Replicas hold no private key: unwraps go to the nation's
-HSM actor, cache misses to its cache actor, behind a small per-replica cache.
+HSM actor (which also remembers the shares it unwrapped), behind a small per-replica share cache.
 
     serve run deployments/local.yaml          # per-nation args come from the file
     kas-ray serve                             # the embedded default, all nations
 """
 
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -23,6 +24,7 @@ from kas_ray.config import AbacConfig, FederationConfig, NationSettings, PeerCon
 from kas_ray.errors import ConfigError, FormatError, KasRayError
 from kas_ray.federation.broker import Federation
 from kas_ray.federation.envelope import FederationKey
+from kas_ray.federation.peers import MAX_FORWARD_BATCH
 from kas_ray.kas.service import RewrapCall, RewrapService
 from kas_ray.policy import PolicyEngine
 from kas_ray.serve import openapi as docs
@@ -231,6 +233,14 @@ class NationKAS:
         """A peer's signed forward (in-cluster handle, or relayed by this nation's federation gateway)."""
         tls_peer = message.pop("_tls_peer", None) if isinstance(message, dict) else None
         return await handle_envelope(self.service.handle_forward, message, tls_peer)
+
+    async def forward_batch(self, messages: Any) -> list[dict[str, Any]]:
+        """Several forwards of one home KAS in one handle call (allOf forwards it batched): each is
+        verified, decided, audited and answered on its own, and the answers come back in order."""
+        if not isinstance(messages, list) or not 1 <= len(messages) <= MAX_FORWARD_BATCH:
+            return [{"error": {"code": "bad_format", "message": "a forward batch is a list of 1 to "
+                                                                 f"{MAX_FORWARD_BATCH} messages"}}]
+        return list(await asyncio.gather(*(self.forward(message) for message in messages)))
 
     async def _rewrap(self, call: dict[str, Any]) -> dict[str, Any]:
         try:
