@@ -980,3 +980,44 @@ def test_home_never_holds_the_peers_share(co: Coalition, client_key_type: str, k
         for private in candidates:
             with pytest.raises(InvalidTag):
                 P.ec_unwrap(private, session, wrapped)
+
+
+# === which forwards may be batched ===========================================================================
+class FlagTap(PeerTransport):
+    """Records, per peer, whether the home offered a forward for batching (changes nothing)."""
+
+    def __init__(self, inner: PeerTransport) -> None:
+        self.inner = inner
+        self.flags: dict[str, bool] = {}
+
+    async def forward(self, peer: PeerConfig, message: dict[str, Any], timeout: float, *,
+                      batchable: bool = False) -> dict[str, Any]:
+        self.flags[peer.nation] = batchable
+        return await self.inner.forward(peer, message, timeout)
+
+
+@pytest.mark.parametrize(("shape", "expected"), [
+    ("allOf, two peers", {"USA": True, "GBR": True}),
+    ("anyOf, two peers", {"USA": False, "GBR": False}),
+    ("anyOf, the home and a peer", {"USA": False}),
+    ("allOf and a split both peers hold", {"USA": False, "GBR": False}),
+])
+def test_only_forwards_nobody_else_can_answer_are_offered_for_batching(co: Coalition, shape: str,
+                                                                       expected: dict[str, bool]) -> None:
+    """A batched forward cannot be cancelled at the peer, so only forwards whose splits no other KAS holds
+    (allOf) are offered: an anyOf forward must stay cancellable once another KAS released its split."""
+    tap = FlagTap(LocalPeerTransport(co.services))
+    home, _ = forging_home(co, tap, local_first_seconds=None)
+    pol, token = policy(), co.token("FRA", "bob", "SECRET DEFENSE")
+    if shape == "allOf, two peers":
+        kaos = {"usa": co.kao("USA", pol, share()), "gbr": co.kao("GBR", pol, share())}
+    elif shape == "anyOf, two peers":
+        kaos = _alternatives(co, pol, share(), ["USA", "GBR"])
+    elif shape == "anyOf, the home and a peer":
+        kaos = _alternatives(co, pol, share(), ["FRA", "USA"])
+    else:
+        both = {f"{k}-alt": v for k, v in _alternatives(co, pol, share(), ["USA", "GBR"]).items()}
+        kaos = {"usa": co.kao("USA", pol, share()), "gbr": co.kao("GBR", pol, share()), **both}
+    _, results = rewrap(home, home_call(co, "FRA", token, pol, kaos))
+    assert any(r.status == "permit" for r in results.values())
+    assert tap.flags == expected

@@ -18,6 +18,7 @@ import hashlib
 import inspect
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -355,13 +356,13 @@ class RewrapService:
         hedge = self.federation.config.local_first_seconds
         local_failed = asyncio.Event()
         held: set[str] = set()  # forwards not sent (yet)
+        # Who can release each split (the home, each peer): a forward is cancelled only when another holder
+        # released all its splits (anyOf), so one whose splits nobody else holds (allOf) may be batched.
+        holders = Counter(s for its in (local, *groups.values()) for s in {split[i.key_access_object_id] for i in its})
         for nation, items in groups.items():
             splits = {split[i.key_access_object_id] for i in items}
             covered = hedge is not None and splits <= local_splits
-            # Splits no one else holds (allOf): nothing will cancel this forward, so it may be batched.
-            sole = not splits & (local_splits | {split[i.key_access_object_id] for other, its in groups.items()
-                                                 if other != nation for i in its})
-            forward = self._forward(ctx, req, work, nation, items, batchable=sole)
+            forward = self._forward(ctx, req, work, nation, items, batchable=all(holders[s] == 1 for s in splits))
             if covered:
                 held.add(nation)
                 forward = _after(local_failed, hedge, forward, on_start=functools.partial(held.discard, nation))
