@@ -1197,7 +1197,8 @@ def _private_key_needles(kas: Kas) -> set[bytes]:
     for private in keys:
         pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption())
-        needles |= {line for line in pem.splitlines()[1:-1] if len(line) >= 16}
+        # Without padding: the scanner searches runs of the base64 alphabet, which stop at "=".
+        needles |= {line.rstrip(b"=") for line in pem.splitlines()[1:-1] if len(line.rstrip(b"=")) >= 16}
         numbers = private.private_numbers()  # type: ignore[union-attr]
         secret = numbers.d if isinstance(private, rsa.RSAPrivateKey) else numbers.private_value
         needles.add(format(secret, "x").encode())
