@@ -1021,3 +1021,18 @@ def test_only_forwards_nobody_else_can_answer_are_offered_for_batching(co: Coali
     _, results = rewrap(home, home_call(co, "FRA", token, pol, kaos))
     assert any(r.status == "permit" for r in results.values())
     assert tap.flags == expected
+
+
+def test_an_unroutable_kao_url_is_never_echoed_unless_it_is_an_http_url(co: Coalition) -> None:
+    """A fuzzer put the policy (base64 JSON, "eyJ...") into a KAO's url: the error and the audit must not
+    carry arbitrary client strings, which could as well be a token."""
+    home, sink = forging_home(co, LocalPeerTransport(co.services))
+    pol, token = policy(), co.token("FRA", "bob", "SECRET DEFENSE")
+    junk = co.kao("USA", pol, share()).model_copy(update={"url": "://" + token})
+    elsewhere = co.kao("USA", pol, share()).model_copy(update={"url": "https://kas.nowhere.example/kas"})
+    _, results = rewrap(home, home_call(co, "FRA", token, pol, {"junk": junk, "elsewhere": elsewhere}))
+    assert results["junk"].status == "fail" and results["elsewhere"].status == "fail"
+    reasons = {e.kao_id: e.reasons[0] for e in sink.events if e.kao_id in ("junk", "elsewhere")}
+    assert reasons == {"junk": "no route: the key access object's url is not an http(s) KAS URL",
+                       "elsewhere": "no route to the KAS at https://kas.nowhere.example"}
+    assert "eyJ" not in "".join(e.model_dump_json() for e in sink.events)

@@ -453,8 +453,14 @@ class RewrapService:
 
     def _no_route(self, ctx: _Request, work: _PolicyWork, item: KaoRequest) -> KaoResult:
         url = kas_base_url(item.key_access_object.url)
-        reason = (f"key access object is for {url}: forwarded requests are not forwarded again"
-                  if ctx.agreement is not None else f"no route to the KAS at {url}")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc or len(url) > 200 or not url.isprintable():
+            # Never echo an arbitrary client string into the answer and the audit (it could be a token).
+            reason = "no route: the key access object's url is not an http(s) KAS URL"
+        elif ctx.agreement is not None:
+            reason = f"key access object is for {url}: forwarded requests are not forwarded again"
+        else:
+            reason = f"no route to the KAS at {url}"
         return self._fail(ctx, work, item, FormatError(reason))
 
     def _fail(self, ctx: _Request, work: _PolicyWork, item: KaoRequest, exc: KasRayError, *,
