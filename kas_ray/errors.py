@@ -7,6 +7,22 @@ contain keys, DEKs or tokens.
 
 from __future__ import annotations
 
+import re
+
+#: What a kid this KAS could hold looks like. Anything else a client sends as a kid is never echoed
+#: into an error or the audit: it could be a token pasted into the wrong field.
+_SHOWABLE_KID = re.compile(r"[A-Za-z0-9._:/-]{1,64}")
+
+
+def showable_kid(kid: str | None) -> str | None:
+    """``kid`` if it may be repeated in errors and audit records; None if it looks like anything else.
+
+    Base64url JSON (``eyJ...``: a JWT, or a policy in the wrong field) is never repeated, whatever its length.
+    """
+    if kid is None or not _SHOWABLE_KID.fullmatch(kid) or "eyJ" in kid:
+        return None
+    return kid
+
 
 class KasRayError(Exception):
     """Base of every kas-ray error."""
@@ -92,6 +108,12 @@ class KeyNotFoundError(KasRayError):
 
     code = "unknown_kid"
     http_status = 404  # Connect not_found (a KAO naming an unknown kid is a per-KAO bad request instead)
+
+    @classmethod
+    def unknown(cls, kid: str) -> KeyNotFoundError:
+        """The error for a kid nobody holds; the kid is named only if it looks like one (see showable_kid)."""
+        shown = showable_kid(kid)
+        return cls(f"unknown kid {shown!r}" if shown else "unknown kid (not shown: it does not look like a kid)")
 
 
 class KeyBackendUnavailable(KasRayError):

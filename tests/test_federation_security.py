@@ -40,6 +40,7 @@ from kas_ray.errors import (
     SignedRequestError,
     TokenError,
     UntrustedIssuerError,
+    showable_kid,
 )
 from kas_ray.federation.breaker import PeerUnavailable
 from kas_ray.federation.broker import Federation
@@ -1036,3 +1037,27 @@ def test_an_unroutable_kao_url_is_never_echoed_unless_it_is_an_http_url(co: Coal
     assert reasons == {"junk": "no route: the key access object's url is not an http(s) KAS URL",
                        "elsewhere": "no route to the KAS at https://kas.nowhere.example"}
     assert "eyJ" not in "".join(e.model_dump_json() for e in sink.events)
+
+
+def test_an_unknown_kid_is_never_echoed_unless_it_looks_like_a_kid(co: Coalition) -> None:
+    """The same fuzzer put the policy into a KAO's kid: "unknown kid" and the audit's kid field repeat a
+    client's kid only when it looks like one (a typo is worth showing; a pasted token is not)."""
+    home, sink = forging_home(co, LocalPeerTransport(co.services))
+    pol, token = policy(), co.token("FRA", "bob", "SECRET DEFENSE")
+    junk = co.kao("FRA", pol, share()).model_copy(update={"kid": token})
+    typo = co.kao("FRA", pol, share()).model_copy(update={"kid": "fra-rsa-typo"})
+    _, results = rewrap(home, home_call(co, "FRA", token, pol, {"junk": junk, "typo": typo}))
+    assert results["junk"].status == "fail" and results["typo"].status == "fail"
+    events = {e.kao_id: e for e in sink.events if e.kao_id in ("junk", "typo")}
+    assert (events["junk"].kid, events["junk"].reasons) == (
+        None, ["unknown kid (not shown: it does not look like a kid)"])
+    assert (events["typo"].kid, events["typo"].reasons) == ("fra-rsa-typo", ["unknown kid 'fra-rsa-typo'"])
+    assert "eyJ" not in "".join(e.model_dump_json() for e in sink.events)
+
+
+@pytest.mark.parametrize(("kid", "shown"), [
+    ("usa-rsa-2048-1", True), ("r1", True), ("fra-kms-main-v3", True), ("k" * 64, True),
+    ("k" * 65, False), ("eyJhbGciOiJFUzI1NiJ9", False), ("a b", False), ("", False), ("é", False),
+])
+def test_showable_kid(kid: str, shown: bool) -> None:
+    assert showable_kid(kid) == (kid if shown else None)

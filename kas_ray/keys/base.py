@@ -56,7 +56,7 @@ class KeyBackend(abc.ABC):
             for info in infos:
                 if info.kid == kid and info.status != "disabled":
                     return info
-            raise KeyNotFoundError(f"unknown kid {kid!r}")
+            raise KeyNotFoundError.unknown(kid)
         wanted = algorithm or "rsa:2048"
         for info in infos:
             if info.algorithm == wanted and info.status == "active":

@@ -540,7 +540,7 @@ class GcpKmsBackend(KeyBackend):
             if info is None and self._last_error is not None:  # could not look: not the kid's fault
                 raise KeyBackendUnavailable(f"Cloud KMS could not be asked about {kid!r}: {self._last_error}")
         if info is None:
-            raise KeyNotFoundError(f"unknown kid {kid!r}")
+            raise KeyNotFoundError.unknown(kid)
         return info
 
     # --- KeyBackend ----------------------------------------------------------------------------------------

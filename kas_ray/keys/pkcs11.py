@@ -619,7 +619,7 @@ class Pkcs11Backend(KeyBackend):
             self._connect()
         spec = self._specs.get(kid)
         if spec is None or spec.status == "disabled":
-            raise KeyNotFoundError(f"unknown kid {kid!r}")
+            raise KeyNotFoundError.unknown(kid)
         p11 = self._p11
         try:
             if spec.algorithm is not None and spec.algorithm.startswith("rsa:"):

@@ -184,7 +184,7 @@ class SoftwareKeystore(KeyBackend):
         for info in self._infos:
             if info.kid == kid:
                 return info
-        raise KeyNotFoundError(f"unknown kid {kid!r}")
+        raise KeyNotFoundError.unknown(kid)
 
     def unwrap_sync(self, kid: str, wrapped: bytes, ephemeral_public_key_pem: str | None = None) -> bytes:
         info = self._info(kid)
