@@ -407,7 +407,7 @@ class FederationConfig(_Model):
     #: many seconds of each other go to the peer in one Serve handle call: a handle hop costs ~3 ms of
     #: CPU whatever it carries. Each forward stays signed, verified, audited and answered on its own.
     #: None = one call per forward. anyOf forwards are never batched: they must stay cancellable.
-    forward_batch_seconds: float | None = Field(default=0.01, ge=0, le=0.1)
+    forward_batch_seconds: float | None = Field(default=0.025, ge=0, le=0.1)
     breaker: BreakerConfig = Field(default_factory=BreakerConfig)
     #: Testing and benchmarks only: delay this KAS adds before answering a forward.
     debug_delay_seconds: float = Field(default=0.0, ge=0, le=60)

@@ -175,7 +175,10 @@ class Coalition:
         _wait_ready([self.url(s.nation) for s in chosen])
 
     def deploy_noop(self) -> None:
-        serve.run(NoopEndpoint.bind(), name=NOOP_APP, route_prefix=f"/{NOOP_APP}", blocking=False)
+        # The same Serve options as the nations (replicas, autoscaling): the baseline is the same deployment
+        # doing nothing, not a different shape of deployment.
+        endpoint = NoopEndpoint.options(**self.deployment_options) if self.deployment_options else NoopEndpoint
+        serve.run(endpoint.bind(), name=NOOP_APP, route_prefix=f"/{NOOP_APP}", blocking=False)
         import httpx
 
         deadline = time.monotonic() + 120

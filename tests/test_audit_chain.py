@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -215,6 +216,48 @@ def test_a_key_decision_that_cannot_be_audited_releases_nothing(co: Coalition) -
             open_tdf(tdf, KasClient(co.transport, co.token("USA", "nospace", "SECRET")))
     finally:
         service.audit = original
+
+
+def test_a_key_decision_whose_fsync_fails_releases_nothing(co: Coalition, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The record is written but the disk cannot make it durable: the rewrap fails, no key comes back."""
+    tdf = co.seal("USA", b"must stay closed", rel=NATIONS)
+    token = co.token("USA", "eio", "SECRET")
+
+    def broken_fsync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(OSError, match="Input/output error"):
+        open_tdf(tdf, KasClient(co.transport, token))
+    assert json.loads(lines(co.audit_file)[-1])["action"] == "KEY_RELEASED"  # written, never confirmed
+    monkeypatch.undo()
+    assert open_tdf(tdf, KasClient(co.transport, token)) == b"must stay closed"
+
+
+def test_concurrent_requests_share_fsyncs_and_each_flush_returns_after_its_own_record_is_on_disk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Group commit: 40 requests that each write a record, await something (a peer, say) and flush need
+    a few fsyncs, not 40; none of them returns before an fsync that covers its record."""
+    spy = FsyncSpy(monkeypatch)
+    path = tmp_path / "usa.jsonl"
+    sink = JsonLinesAuditSink(path)
+
+    async def request(i: int) -> tuple[int, int]:
+        await asyncio.sleep(0.001 * (i % 3))  # requests arrive at different times
+        sink.emit(event(i))
+        mine = path.stat().st_size  # the file's end once my record is in
+        await asyncio.sleep(0.001 * (i % 4))
+        await sink.flush()
+        return mine, spy.durable_size(path)
+
+    async def main() -> list[tuple[int, int]]:
+        return await asyncio.gather(*(request(i) for i in range(40)))
+
+    answers = asyncio.run(main())
+    assert all(durable >= mine for mine, durable in answers)  # nobody answered before its record was on disk
+    assert 1 <= len(spy.synced) <= 8  # one per group of requests that flush together, not one per record
+    sink.close()
+    assert verify_chain([path]).records == 40
 
 
 # --- tampering -------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import hashlib
 import inspect
@@ -262,6 +263,25 @@ class RewrapService:
 
     async def rewrap(self, call: RewrapCall) -> RewrapResponse:
         """Handle one rewrap. Request-level failures raise (401/400); per-KAO failures are results."""
+        return await self._audited(self._rewrap(call))
+
+    async def handle_forward(self, message: dict[str, Any], tls_peer: str | None = None) -> dict[str, Any]:
+        """Serve KAOs another nation forwarded: verify the envelope, re-verify the user's token
+        against our own trust registry, apply our ABAC and the agreement caps, sign the answer."""
+        return await self._audited(self._handle_forward(message, tls_peer))
+
+    async def _audited(self, work: Awaitable[_T]) -> _T:
+        """``work``'s answer, once its audit records are on disk (the sink's flush: one fsync for all)."""
+        try:
+            answer = await work
+        except BaseException:
+            with contextlib.suppress(Exception):  # the refusal stands whatever the disk says
+                await self.audit.flush()
+            raise
+        await self.audit.flush()  # raises if the records are not on disk: then no key leaves
+        return answer
+
+    async def _rewrap(self, call: RewrapCall) -> RewrapResponse:
         try:
             verified, proof = await self.authenticate(call)
             if self.rate_limiter is not None:
@@ -508,9 +528,7 @@ class RewrapService:
             return self._fail(ctx, work, item, exc, audit=False)
 
     # --- federation: the serving side ------------------------------------------------------------------------
-    async def handle_forward(self, message: dict[str, Any], tls_peer: str | None = None) -> dict[str, Any]:
-        """Serve KAOs another nation forwarded: verify the envelope, re-verify the user's token
-        against our own trust registry, apply our ABAC and the agreement caps, sign the answer."""
+    async def _handle_forward(self, message: dict[str, Any], tls_peer: str | None = None) -> dict[str, Any]:
         if self.federation is None:
             raise ForwardError("this KAS does not federate")
         federation = self.federation

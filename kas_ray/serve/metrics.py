@@ -147,6 +147,9 @@ class MetricsAuditSink(AuditSink):
         elif action in (AuditAction.FORWARD_RESULT, AuditAction.FORWARD_FAILED, AuditAction.FORWARD_CANCELLED):
             self.forwards.inc(1, tags={**tags, "peer": event.peer or "", "action": action.value})
 
+    async def flush(self) -> None:
+        await self.inner.flush()
+
     def set_breaker(self, peer: str, state: str) -> None:
         self._breakers[peer] = BREAKER_GAUGE.get(state, 2)
         self.breaker.set(self._breakers[peer], tags={"nation": self.nation, "peer": peer})
