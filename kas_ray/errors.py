@@ -9,19 +9,27 @@ from __future__ import annotations
 
 import re
 
-#: What a kid this KAS could hold looks like. Anything else a client sends as a kid is never echoed
-#: into an error or the audit: it could be a token pasted into the wrong field.
-_SHOWABLE_KID = re.compile(r"[A-Za-z0-9._:/-]{1,64}")
+#: What an identifier a client chose (a kid, a key access object id, an algorithm name) looks like.
+#: Anything else a client sends in such a field is never echoed into an error or the audit: it could be
+#: a token pasted into the wrong field.
+_SHOWABLE = re.compile(r"[A-Za-z0-9._:/-]{1,64}")
 
 
-def showable_kid(kid: str | None) -> str | None:
-    """``kid`` if it may be repeated in errors and audit records; None if it looks like anything else.
+def showable(value: object) -> str | None:
+    """``value`` if it may be repeated in errors and audit records; None if it looks like anything else.
 
     Base64url JSON (``eyJ...``: a JWT, or a policy in the wrong field) is never repeated, whatever its length.
     """
-    if kid is None or not _SHOWABLE_KID.fullmatch(kid) or "eyJ" in kid:
+    if not isinstance(value, str) or not _SHOWABLE.fullmatch(value) or "eyJ" in value:
         return None
-    return kid
+    return value
+
+
+def audit_id(value: str) -> str:
+    """A client-chosen id for the audit: itself when showable, else a digest the client can match."""
+    import hashlib
+
+    return showable(value) or "sha256:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 class KasRayError(Exception):
@@ -111,8 +119,8 @@ class KeyNotFoundError(KasRayError):
 
     @classmethod
     def unknown(cls, kid: str) -> KeyNotFoundError:
-        """The error for a kid nobody holds; the kid is named only if it looks like one (see showable_kid)."""
-        shown = showable_kid(kid)
+        """The error for a kid nobody holds; the kid is named only if it looks like one (see showable)."""
+        shown = showable(kid)
         return cls(f"unknown kid {shown!r}" if shown else "unknown kid (not shown: it does not look like a kid)")
 
 

@@ -40,7 +40,8 @@ from kas_ray.errors import (
     SignedRequestError,
     TokenError,
     UntrustedIssuerError,
-    showable_kid,
+    audit_id,
+    showable,
 )
 from kas_ray.federation.breaker import PeerUnavailable
 from kas_ray.federation.broker import Federation
@@ -1046,12 +1047,18 @@ def test_an_unknown_kid_is_never_echoed_unless_it_looks_like_a_kid(co: Coalition
     pol, token = policy(), co.token("FRA", "bob", "SECRET DEFENSE")
     junk = co.kao("FRA", pol, share()).model_copy(update={"kid": token})
     typo = co.kao("FRA", pol, share()).model_copy(update={"kid": "fra-rsa-typo"})
-    _, results = rewrap(home, home_call(co, "FRA", token, pol, {"junk": junk, "typo": typo}))
-    assert results["junk"].status == "fail" and results["typo"].status == "fail"
-    events = {e.kao_id: e for e in sink.events if e.kao_id in ("junk", "typo")}
+    good = co.kao("FRA", pol, share())
+    # ... and into a KAO's id and its policy binding's alg: the id is audited as a digest the client can match
+    odd_id = pol.to_base64()[:200]  # "eyJ...": ids may be up to 256 characters
+    odd = good.model_copy(update={"policy_binding": good.policy_binding.model_copy(update={"alg": token})})
+    _, results = rewrap(home, home_call(co, "FRA", token, pol, {"junk": junk, "typo": typo, odd_id: odd}))
+    assert results["junk"].status == "fail" and results["typo"].status == "fail" and results[odd_id].status == "fail"
+    digest = "sha256:" + hashlib.sha256(odd_id.encode()).hexdigest()[:16]
+    events = {e.kao_id: e for e in sink.events if e.kao_id in ("junk", "typo", digest)}
     assert (events["junk"].kid, events["junk"].reasons) == (
         None, ["unknown kid (not shown: it does not look like a kid)"])
     assert (events["typo"].kid, events["typo"].reasons) == ("fra-rsa-typo", ["unknown kid 'fra-rsa-typo'"])
+    assert events[digest].reasons == ["unsupported policy binding algorithm (not shown: it does not look like one)"]
     assert "eyJ" not in "".join(e.model_dump_json() for e in sink.events)
 
 
@@ -1059,5 +1066,6 @@ def test_an_unknown_kid_is_never_echoed_unless_it_looks_like_a_kid(co: Coalition
     ("usa-rsa-2048-1", True), ("r1", True), ("fra-kms-main-v3", True), ("k" * 64, True),
     ("k" * 65, False), ("eyJhbGciOiJFUzI1NiJ9", False), ("a b", False), ("", False), ("é", False),
 ])
-def test_showable_kid(kid: str, shown: bool) -> None:
-    assert showable_kid(kid) == (kid if shown else None)
+def test_showable(kid: str, shown: bool) -> None:
+    assert showable(kid) == (kid if shown else None)
+    assert audit_id(kid) == kid if shown else audit_id(kid).startswith("sha256:") and len(audit_id(kid)) == 23

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -706,6 +707,20 @@ def test_bad_input(kas: Kas, case: Bad) -> None:
         assert [e["action"] for e in lines] == ["KEY_ERROR"]
     else:
         assert len(lines) <= 1
+
+
+def test_a_request_id_that_is_not_id_like_is_audited_as_its_digest(kas: Kas) -> None:
+    """X-Request-ID is the client's: audited as sent when it looks like an id, else as a digest the
+    client can match (a fuzzer's or a careless client's base64 JSON never reaches the audit)."""
+    odd = "eyJ" + unique("rid").replace("-", "") + "=="
+    digest = "sha256:" + hashlib.sha256(odd.encode()).hexdigest()[:16]
+    for rid, audited in ((unique("rid"), None), (odd, digest)):
+        reply = kas.http.post(kas.url("USA") + REST_REWRAP, json={"signedRequestToken": "x"},
+                              headers={**JSON_CT, "X-Request-ID": rid})  # no token: 401, one REQUEST_REJECTED
+        json_error(reply, 401)
+        lines = kas.audit("USA", request_id=audited or rid)
+        assert [e["action"] for e in lines] == ["REQUEST_REJECTED"], (rid, lines)
+    assert kas.audit("USA", request_id=odd) == []
 
 
 def test_unsupported_content_encoding(kas: Kas) -> None:

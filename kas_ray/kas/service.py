@@ -38,7 +38,8 @@ from kas_ray.errors import (
     KasRayError,
     SignedRequestError,
     TokenError,
-    showable_kid,
+    audit_id,
+    showable,
 )
 from kas_ray.federation.agreement import apply_agreement
 from kas_ray.federation.envelope import ForwardError
@@ -607,8 +608,8 @@ class RewrapService:
             action, outcome, reasons = AuditAction.KEY_ERROR, "error", [error.message]
         self.audit.emit(AuditEvent(
             action=action, request_id=ctx.call.request_id, nation=self.nation, subject=ctx.verified.subject,
-            issuer=ctx.verified.issuer, kid=info.kid if info else showable_kid(item.key_access_object.kid),
-            kao_id=item.key_access_object_id, policy_uuid=work.policy.uuid if work.policy else None,
+            issuer=ctx.verified.issuer, kid=info.kid if info else showable(item.key_access_object.kid),
+            kao_id=audit_id(item.key_access_object_id), policy_uuid=work.policy.uuid if work.policy else None,
             policy_digest=work.digest, decision=outcome, reasons=reasons,
             error_code=error.code if error else None, latency_ms=round((time.perf_counter() - started) * 1e3, 3),
             hops=ctx.call.hops,

@@ -23,6 +23,7 @@ from kas_ray.errors import (
     KeyBackendUnavailable,
     KeyNotFoundError,
     TokenError,
+    audit_id,
 )
 from kas_ray.kas import proto
 from kas_ray.kas.service import RewrapCall, RewrapService
@@ -187,7 +188,7 @@ class KasHttpApi:
         }
         request_id = request.headers.get("x-request-id")
         if request_id and len(request_id) <= 128:
-            fields["request_id"] = request_id
+            fields["request_id"] = audit_id(request_id)  # the client's id, or its digest if it is not id-like
         return RewrapCall(**fields)
 
     async def rewrap(self, request: Request, body: dict[str, Any]) -> dict[str, Any]:
