@@ -7,7 +7,9 @@ contain keys, DEKs or tokens.
 
 from __future__ import annotations
 
+import hashlib
 import re
+from urllib.parse import urlsplit
 
 #: What an identifier a client chose (a kid, a key access object id, an algorithm name) looks like.
 #: Anything else a client sends in such a field is never echoed into an error or the audit: it could be
@@ -25,10 +27,17 @@ def showable(value: object) -> str | None:
     return value
 
 
+def showable_url(url: str) -> str | None:
+    """``url`` if it is a bounded, printable http(s) URL without base64 JSON in it (see :func:`showable`)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc or len(url) > 200 or not url.isprintable() \
+            or "eyJ" in url:
+        return None
+    return url
+
+
 def audit_id(value: str) -> str:
     """A client-chosen id for the audit: itself when showable, else a digest the client can match."""
-    import hashlib
-
     return showable(value) or "sha256:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 

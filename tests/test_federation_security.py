@@ -42,6 +42,7 @@ from kas_ray.errors import (
     UntrustedIssuerError,
     audit_id,
     showable,
+    showable_url,
 )
 from kas_ray.federation.breaker import PeerUnavailable
 from kas_ray.federation.broker import Federation
@@ -1068,4 +1069,6 @@ def test_an_unknown_kid_is_never_echoed_unless_it_looks_like_a_kid(co: Coalition
 ])
 def test_showable(kid: str, shown: bool) -> None:
     assert showable(kid) == (kid if shown else None)
+    url = f"https://kas.example/{kid}"
+    assert showable_url(url) == (url if "eyJ" not in kid and url.isprintable() else None)
     assert audit_id(kid) == kid if shown else audit_id(kid).startswith("sha256:") and len(audit_id(kid)) == 23

@@ -40,6 +40,7 @@ from kas_ray.errors import (
     TokenError,
     audit_id,
     showable,
+    showable_url,
 )
 from kas_ray.federation.agreement import apply_agreement
 from kas_ray.federation.envelope import ForwardError
@@ -474,10 +475,8 @@ class RewrapService:
                 for i in items]
 
     def _no_route(self, ctx: _Request, work: _PolicyWork, item: KaoRequest) -> KaoResult:
-        url = kas_base_url(item.key_access_object.url)
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.netloc or len(url) > 200 or not url.isprintable():
-            # Never echo an arbitrary client string into the answer and the audit (it could be a token).
+        url = showable_url(kas_base_url(item.key_access_object.url))
+        if url is None:  # never echo an arbitrary client string into the answer and the audit
             reason = "no route: the key access object's url is not an http(s) KAS URL"
         elif ctx.agreement is not None:
             reason = f"key access object is for {url}: forwarded requests are not forwarded again"
