@@ -27,6 +27,12 @@ def showable(value: object) -> str | None:
     return value
 
 
+def quoted(value: object, what: str) -> str:
+    """``value`` quoted for an error message when showable, else a placeholder saying why it is not."""
+    shown = showable(value)
+    return repr(shown) if shown else f"(not shown: it does not look like {what})"
+
+
 def showable_url(url: str) -> str | None:
     """``url`` if it is a bounded, printable http(s) URL without base64 JSON in it (see :func:`showable`)."""
     parts = urlsplit(url)
@@ -129,8 +135,7 @@ class KeyNotFoundError(KasRayError):
     @classmethod
     def unknown(cls, kid: str) -> KeyNotFoundError:
         """The error for a kid nobody holds; the kid is named only if it looks like one (see showable)."""
-        shown = showable(kid)
-        return cls(f"unknown kid {shown!r}" if shown else "unknown kid (not shown: it does not look like a kid)")
+        return cls(f"unknown kid {quoted(kid, 'a kid')}")
 
 
 class KeyBackendUnavailable(KasRayError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import copy
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -148,8 +149,8 @@ class HandlePeerTransport(PeerTransport):
             failure = exc if isinstance(exc, KasRayError) else PeerUnavailable(
                 f"peer {peer.nation} failed: {exc.__class__.__name__}")
             for q in batch:
-                if not q.answer.done():
-                    q.answer.set_exception(failure)
+                if not q.answer.done():  # one instance each: raised in several tasks, tracebacks would chain
+                    q.answer.set_exception(copy.copy(failure))
             return
         for q, envelope in zip(batch, envelopes, strict=True):
             if q.answer.done():  # the caller gave up meanwhile

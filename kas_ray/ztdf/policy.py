@@ -13,7 +13,7 @@ import uuid as uuidlib
 
 from pydantic import Field, ValidationError, field_validator
 
-from kas_ray.errors import PolicyBindingError, PolicyFormatError, showable
+from kas_ray.errors import PolicyBindingError, PolicyFormatError, quoted
 from kas_ray.hazmat.primitives import constant_time_equal, hmac_sha256
 from kas_ray.ztdf._wire import WireModel, b64decode_strict
 
@@ -89,9 +89,7 @@ def verify_binding(share: bytes, policy_b64: str, binding: PolicyBinding | str) 
     """Constant-time check that ``binding`` ties ``policy_b64`` to ``share``."""
     if isinstance(binding, PolicyBinding):
         if binding.alg.upper() != BINDING_ALG:
-            shown = showable(binding.alg)
-            raise PolicyBindingError(f"unsupported policy binding algorithm {shown!r}" if shown else
-                                     "unsupported policy binding algorithm (not shown: it does not look like one)")
+            raise PolicyBindingError(f"unsupported policy binding algorithm {quoted(binding.alg, 'one')}")
         encoded = binding.hash
     else:
         encoded = binding
