@@ -241,6 +241,8 @@ class RewrapLimits(_Model):
     max_key_access_objects: int = Field(default=64, gt=0)
     max_policies: int = Field(default=16, gt=0)
     min_rsa_client_key_bits: int = 2048
+    #: OpenSSL refuses RSA public operations above 16384 bits; no client uses more than 8192.
+    max_rsa_client_key_bits: int = Field(default=8192, ge=2048, le=16384)
 
 
 #: Default Cloud KMS location per nation (where its key ring lives).

@@ -180,6 +180,11 @@ RULE_CASES = [
      ["embargo"], "malformed embargo"),
     ("embargo-date-only", {}, [cls("secret"), *rel("FRA"), embargo("2026-01-01")], [], False, ["embargo"],
      "malformed embargo"),
+    # times that parse but lie outside what a UTC datetime holds: denied, never an OverflowError
+    ("embargo-before-year-1-in-utc", {}, [cls("secret"), *rel("FRA"), embargo("0001-01-01T00:00:00%2B14:00")],
+     [], False, ["embargo"], "malformed embargo"),
+    ("embargo-after-year-9999-in-utc", {}, [cls("secret"), *rel("FRA"), embargo("9999-12-31T23:59:59-14:00")],
+     [], False, ["embargo"], "malformed embargo"),
     # dissem
     ("dissem-listed", {}, [cls("secret"), *rel("FRA")], ["bob@x", "alice@defense.gouv.fr"], True, [],
      "on the dissem list (2 entities)"),

@@ -1072,3 +1072,134 @@ def test_showable(kid: str, shown: bool) -> None:
     url = f"https://kas.example/{kid}"
     assert showable_url(url) == (url if "eyJ" not in kid and url.isprintable() else None)
     assert audit_id(kid) == kid if shown else audit_id(kid).startswith("sha256:") and len(audit_id(kid)) == 23
+
+
+# === found in review: ids, malformed peer answers, v1 through a broker, caps ==============================
+def test_a_kao_id_reused_in_another_policy_is_still_audited(co: Coalition,
+                                                            hedge: Callable[[float | None], None]) -> None:
+    """KAO ids are unique within a policy only: a forward given up in one policy must not silence the
+    record of a same-named KAO released in another."""
+    hedge(5.0)
+    token = co.token("FRA", "bob", "SECRET DEFENSE")
+    pol1, pol2, secret1, secret2 = policy(), policy(), share(), share()
+    alternatives = _alternatives(co, pol1, secret1, ["FRA", "USA"])  # FRA releases; the USA forward is dropped
+    # Policy 1's FRA share in the cache, policy 2's not: policy 1 gives up its forward before policy 2's
+    # unwrap ends, the order in which a request-wide list of given-up ids hid policy 2's release.
+    rewrap(co.services["FRA"], home_call(co, "FRA", token, pol1, {"kao-0": alternatives["fra"]}))
+    body = {"clientPublicKey": client().pem, "requests": [
+        {"policy": {"id": "p1", "body": pol1.to_base64()},
+         "keyAccessObjects": [{"keyAccessObjectId": "kao-0", "keyAccessObject": alternatives["fra"].to_wire()},
+                              {"keyAccessObjectId": "kao-1", "keyAccessObject": alternatives["usa"].to_wire()}]},
+        {"policy": {"id": "p2", "body": pol2.to_base64()},
+         "keyAccessObjects": [{"keyAccessObjectId": "kao-1",
+                               "keyAccessObject": co.kao("FRA", pol2, secret2).to_wire()}]}]}
+    call = RewrapCall(authorization=f"Bearer {token}", url=co.url("FRA") + REWRAP_PATH, body=body)
+    response, _ = rewrap(co.services["FRA"], call)
+    by_policy = {p.policy_id: {r.key_access_object_id: r for r in p.results} for p in response.responses}
+    assert client().unwrap(response, by_policy["p1"]["kao-0"]) == secret1
+    assert by_policy["p1"]["kao-1"].status == "fail"
+    assert client().unwrap(response, by_policy["p2"]["kao-1"]) == secret2
+    released = {(e.policy_uuid, e.kao_id) for e in co.events(call.request_id, "FRA", AuditAction.KEY_RELEASED)}
+    assert released == {(pol1.uuid, "kao-0"), (pol2.uuid, "kao-1")}
+
+
+def test_duplicate_kao_ids_in_one_policy_are_refused(co: Coalition) -> None:
+    pol = policy()
+    kao = co.kao("FRA", pol, share())
+    call = home_call(co, "FRA", co.token("FRA", "bob", "SECRET DEFENSE"), pol, {"k": kao})
+    call.body["requests"][0]["keyAccessObjects"].append(dict(call.body["requests"][0]["keyAccessObjects"][0]))
+    with pytest.raises(KasRayError, match="unique within a policy") as info:
+        rewrap(co.services["FRA"], call)
+    assert info.value.http_status == 400
+    (rejected,) = co.events(call.request_id, "FRA", AuditAction.REQUEST_REJECTED)
+    assert rejected.error_code == "bad_format"
+
+
+@pytest.mark.parametrize("client_key_type", ["ec", "rsa"])
+def test_v1_body_brokered_to_a_peer_opens_with_the_top_level_session_key(co: Coalition, client_key_type: str) -> None:
+    """v1 (one keyAccess) answers with entityWrappedKey and one sessionPublicKey: for a share a peer
+    rewrapped, that must be the peer's session key, or an EC client cannot open it."""
+    pol, secret, who = policy(), share(), client(client_key_type)
+    kao = co.kao("USA", pol, secret)
+    body = {"clientPublicKey": who.pem, "keyAccess": kao.to_wire(), "policy": pol.to_base64()}
+    call = RewrapCall(authorization=f"Bearer {co.token('FRA', 'bob', 'SECRET DEFENSE')}",
+                      url=co.url("FRA") + REWRAP_PATH, body=body)
+    response, results = rewrap(co.services["FRA"], call)
+    assert response.entity_wrapped_key
+    wrapped = base64.b64decode(response.entity_wrapped_key)
+    if isinstance(who.key, rsa.RSAPrivateKey):
+        assert P.rsa_oaep_decrypt(who.key, wrapped, "sha1") == secret
+        return
+    assert response.session_public_key == next(iter(results.values())).metadata["sessionPublicKey"]
+    session = P.load_public_key_pem(response.session_public_key)
+    assert isinstance(session, ec.EllipticCurvePublicKey)
+    assert P.ec_unwrap(who.key, session, wrapped) == secret
+
+
+MALFORMED_ANSWERS: dict[str, Callable[[Coalition, dict[str, str], dict[str, Any]], dict[str, Any]]] = {
+    "results-not-a-list": lambda co, m, h: _resign(co, "USA", m, {"results": 5}),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_ANSWERS))
+def test_a_malformed_peer_answer_is_a_per_kao_failure(co: Coalition, case: str) -> None:
+    tamper = MALFORMED_ANSWERS[case]
+    home, sink = forging_home(co, ForgingPeer(co, lambda m, h: tamper(co, m, h)))
+    pol = policy()
+    fra_share = share()
+    call = home_call(co, "FRA", co.token("FRA", "bob", "SECRET DEFENSE"), pol,
+                     {"usa": co.kao("USA", pol, share()), "fra-local": co.kao("FRA", pol, fra_share)})
+    response, results = rewrap(home, call)
+    assert results["usa"].status == "fail" and results["usa"].kas_wrapped_key is None
+    assert client().unwrap(response, results["fra-local"]) == fra_share
+    (failed,) = [e for e in sink.events if e.action is AuditAction.FORWARD_FAILED]
+    assert failed.error_code == "invalid_forward" and "malformed results" in failed.reasons[0]
+
+
+@pytest.mark.parametrize("error", ["boom", ["x"], None, 3])
+def test_a_peer_envelope_whose_error_is_not_an_object_is_refused_cleanly(co: Coalition, error: Any) -> None:
+    from kas_ray.federation.peers import _unwrap_envelope
+
+    peer = co.fed("FRA").peers["USA"]
+    with pytest.raises(PeerUnavailable, match="malformed answer"):
+        _unwrap_envelope(peer, {"error": error})
+    with pytest.raises(SignedRequestError, match="peer USA: bad"):
+        _unwrap_envelope(peer, {"error": {"code": "invalid_signed_request", "message": "bad"}})
+
+
+@pytest.mark.parametrize("jwk", [{"kty": "EC"}, {"kty": "EC", "crv": "P-256", "x": 1, "y": 2}, {"kty": ["EC"]},
+                                 {"kty": "oct", "k": "AAAA"}, "not-a-jwk"])
+def test_a_forward_with_a_malformed_dpop_jwk_is_a_dpop_refusal(co: Coalition, jwk: Any) -> None:
+    dpop_key = ec.generate_private_key(ec.SECP256R1())
+    token = co.token("FRA", "bob", "SECRET DEFENSE", cnf_jkt=jwk_thumbprint(public_jwk(dpop_key.public_key())))
+    pol = policy()
+    body = forward_body(token, pol, {"k": co.kao("USA", pol, share())})
+    body["dpopJwk"] = jwk
+    body["signedRequestToken"] = sign_request({"clientPublicKey": client().pem}, dpop_key)
+    with pytest.raises(DPoPError, match="must carry that DPoP key"):
+        serve_forward(co, "USA", forward_from(co, "FRA", "USA", body))
+    _rejected(co, "USA", body["requestId"], "invalid_dpop_proof")
+
+
+@pytest.mark.parametrize("cap", ["NATO SECRET", "NS", "COSMIC TOP SECRET", "secret-ish"])
+def test_an_agreement_cap_that_is_not_a_clearance_level_is_refused_at_start_and_denies(co: Coalition,
+                                                                                      cap: str) -> None:
+    from kas_ray.federation.agreement import apply_agreement, check_agreement
+    from kas_ray.policy import Decision, Subject
+
+    usa = co.services["USA"]
+    agreement = AgreementConfig(max_classification=cap)
+    with pytest.raises(ConfigError, match="not a clearance level"):
+        check_agreement(usa.policy, agreement, "FRA")
+    config = co.fed("USA").config
+    peers = [p.model_copy(update={"agreement": agreement}) if p.nation == "FRA" else p for p in config.peers]
+    with pytest.raises(ConfigError, match="caps classification"):
+        RewrapService("USA", keys=usa.keys, trust=usa.trust, policy=usa.policy, replay=MemoryReplayStore(),
+                      federation=Federation("USA", config.model_copy(update={"peers": peers}), co.fed("USA").key,
+                                            replay=MemoryReplayStore(),
+                                            transports={"local": LocalPeerTransport(co.services)}))
+    # Should one reach a decision anyway, it denies (fail closed), whatever the object's level.
+    pol = policy(classification="UNCLASSIFIED")
+    decision = apply_agreement(usa.policy, Decision(allowed=True, checks=[]), agreement,
+                               Subject(subject="bob", issuer="fra-idp", nationality="FRA"), pol.attributes, "FRA")
+    assert not decision.allowed and "unknown level" in decision.checks[-1].reason

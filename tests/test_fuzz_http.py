@@ -183,21 +183,28 @@ class Client:
     http: httpx.Client
     dpop_key: ec.EllipticCurvePrivateKey
 
-    def headers(self, url: str, request_id: str) -> dict[str, str]:
-        token = DevIdentityProvider(self.target.state_dir, NATION).mint(
-            f"fuzz-{uuid.uuid4().hex[:8]}", "SECRET", cnf_jkt=jwk_thumbprint(public_jwk(self.dpop_key)))
+    def headers(self, url: str, request_id: str, *, dpop: bool = True) -> dict[str, str]:
+        """A fresh token bound to the DPoP key and its proof; ``dpop`` false: an unbound bearer token."""
+        idp = DevIdentityProvider(self.target.state_dir, NATION)
+        sub = f"fuzz-{uuid.uuid4().hex[:8]}"
+        if not dpop:
+            return {"Authorization": f"Bearer {idp.mint(sub, 'SECRET')}", "X-Request-ID": request_id}
+        token = idp.mint(sub, "SECRET", cnf_jkt=jwk_thumbprint(public_jwk(self.dpop_key)))
         return {"Authorization": f"DPoP {token}", "X-Request-ID": request_id,
                 "DPoP": make_dpop_proof(self.dpop_key, "POST", url, access_token=token)}
 
     def send(self, route: str, body: Any, srt: str | None = None) -> Sent:
-        """POST ``body`` on ``route``: signed with the DPoP key (or as ``srt``) unless the route takes it plain."""
+        """POST ``body`` on ``route``: signed with the DPoP key (or as ``srt``) unless the route takes it plain.
+
+        A plain body carries a bearer token: with a DPoP proof the KAS requires the body signed by its key.
+        """
         path, how = ROUTES[route]
         url = self.target.url + path
         srt = srt or sign_request(body, self.dpop_key)
         content = (proto.encode_rewrap_request(srt) if how == "proto" else
                    json.dumps(body if how == "plain" else {"signedRequestToken": srt}).encode())
         request_id = uuid.uuid4().hex
-        headers = {**self.headers(url, request_id),
+        headers = {**self.headers(url, request_id, dpop=how != "plain"),
                    "Content-Type": "application/proto" if how == "proto" else "application/json"}
         response = self.http.post(url, content=content, headers=headers, timeout=DEADLINE)
         wire = None

@@ -200,14 +200,19 @@ class LocalKas:
     token: str
     dpop_key: ec.EllipticCurvePrivateKey
     loop: asyncio.AbstractEventLoop
+    #: An unbound token of the same user, for plain bodies (with a DPoP proof the KAS wants the body signed).
+    bearer: str
 
     def rewrap(self, body: Any, signed: bool) -> dict[str, Any]:
-        """One rewrap with a fresh DPoP proof; the body plain or (always, if not an object) in an SRT."""
+        """One rewrap: in an SRT with the DPoP-bound token and a fresh proof, or (only objects) plain with the
+        bearer token."""
         url = self.url + REWRAP_PATH
-        sent = {"signedRequestToken": sign_request(body, self.dpop_key)} if signed or not isinstance(body, dict) \
-            else body
-        call = RewrapCall(authorization=f"DPoP {self.token}", url=url, body=sent,
-                          dpop=make_dpop_proof(self.dpop_key, "POST", url, access_token=self.token))
+        if signed or not isinstance(body, dict):
+            call = RewrapCall(authorization=f"DPoP {self.token}", url=url,
+                              body={"signedRequestToken": sign_request(body, self.dpop_key)},
+                              dpop=make_dpop_proof(self.dpop_key, "POST", url, access_token=self.token))
+        else:
+            call = RewrapCall(authorization=f"Bearer {self.bearer}", url=url, body=body)
         return self.loop.run_until_complete(self.service.rewrap(call)).to_wire()
 
 
@@ -225,10 +230,12 @@ def local_kas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKas]:
                                                                                    "rsa:4096")]
     transport.close()
     dpop_key = ec.generate_private_key(ec.SECP256R1())
-    token = DevIdentityProvider(state, "USA").mint("fuzzer", "SECRET", cnf_jkt=jwk_thumbprint(public_jwk(dpop_key)))
+    idp = DevIdentityProvider(state, "USA")
+    token = idp.mint("fuzzer", "SECRET", cnf_jkt=jwk_thumbprint(public_jwk(dpop_key)))
     loop = asyncio.new_event_loop()
     try:
-        yield LocalKas(service, url, RewrapMaterial.create(url, keys, "USA"), token, dpop_key, loop)
+        yield LocalKas(service, url, RewrapMaterial.create(url, keys, "USA"), token, dpop_key, loop,
+                       bearer=idp.mint("fuzzer", "SECRET"))
     finally:
         loop.close()
 

@@ -35,7 +35,7 @@ from kas_ray.client import HttpTransport, KasClient
 from kas_ray.config import AbacConfig
 from kas_ray.hazmat import primitives as P
 from kas_ray.policy import attribute_fqn
-from kas_ray.trust import DevIdentityProvider, make_dpop_proof
+from kas_ray.trust import DevIdentityProvider, make_dpop_proof, sign_request
 from kas_ray.ztdf import KasKey, KeyAccessObject, Policy, wrap_share
 
 MIKE = "MIKE"
@@ -92,7 +92,9 @@ class Client:
                 "requests": [{"policy": {"id": "p", "body": pol}, "algorithm": "rsa:2048",
                               "keyAccessObjects": [{"keyAccessObjectId": "k0", "keyAccessObject": kao.to_wire()}]}]}
         headers = {"Authorization": f"Bearer {self.token}", **({"DPoP": dpop} if dpop else {})}
-        return (http or mike.http).post(mike.url + REWRAP, json=body, headers=headers)
+        # With a proof, the body is signed by its key.
+        payload = {"signedRequestToken": sign_request(body, self.dpop_key)} if dpop else body
+        return (http or mike.http).post(mike.url + REWRAP, json=payload, headers=headers)
 
     def share(self, answer: httpx.Response) -> bytes:
         """The released share, or AssertionError."""

@@ -74,7 +74,7 @@ from kas_ray.shared import (
 )
 from kas_ray.shared.link import load_seal_secret, seal_secret_path
 from kas_ray.shared.ratelimit import client_address
-from kas_ray.trust import DevIdentityProvider, MemoryReplayStore, dev_trust_registry, make_dpop_proof
+from kas_ray.trust import DevIdentityProvider, MemoryReplayStore, dev_trust_registry, make_dpop_proof, sign_request
 from kas_ray.ztdf import KasKey, KeyAccessObject, Policy, decrypt, encrypt, wrap_share
 
 NATION = "USA"
@@ -194,6 +194,8 @@ class Client:
                 "requests": [{"policy": {"id": "p", "body": pol}, "algorithm": "rsa:2048",
                               "keyAccessObjects": [{"keyAccessObjectId": "k0", "keyAccessObject": kao.to_wire()}]}]}
         proof = dpop if isinstance(dpop, str) else (self.proof() if dpop else None)
+        if proof is not None:  # with a proof, the body is signed by its key
+            body = {"signedRequestToken": sign_request(body, self.dpop_key)}
         return RewrapCall(authorization=f"Bearer {self.token}", dpop=proof, url=URL + REWRAP_PATH, body=body)
 
     async def rewrap(self, replica: Replica, kao: KeyAccessObject, pol: str, *, dpop: bool | str = False) -> bytes:

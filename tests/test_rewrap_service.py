@@ -589,6 +589,67 @@ def test_ed25519_client_key_is_refused(co: Coalition, request_parts: tuple) -> N
     _rejected(co, "USA", requester.call(co, "USA", token, {**body, "clientPublicKey": pem}), FormatError)
 
 
+
+def _plain(requester: Requester, co: Coalition, token: str, body: dict[str, Any], *, dpop: bool) -> RewrapCall:
+    """The ACP-240 body as is (no signed request token), with or without a DPoP proof."""
+    url = co.rewrap_url("USA")
+    proof = make_dpop_proof(requester.dpop_key, "POST", url, access_token=token) if dpop else None
+    return RewrapCall(authorization=f"Bearer {token}", dpop=proof, url=url, body=body)
+
+
+def test_a_dpop_proof_needs_a_signed_body(co: Coalition, request_parts: tuple) -> None:
+    """A proof binds the token to a key, not the body: without the key's signature over the body, a
+    captured, unused proof would let its thief name the client key the share is rewrapped to."""
+    requester, body, token = request_parts
+    thief = Requester()
+    stolen = {**body, "clientPublicKey": thief.public_pem}
+    _rejected(co, "USA", _plain(requester, co, token, stolen, dpop=True), SignedRequestError, "signedRequestToken")
+    bound = co.token("USA", "alice", "SECRET", cnf_jkt=jwk_thumbprint(public_jwk(requester.dpop_key)))
+    _rejected(co, "USA", _plain(requester, co, bound, stolen, dpop=True), SignedRequestError, "signedRequestToken")
+    # The plain body stays the ACP-240 form for bearer tokens (no proof, nothing it could bind).
+    assert results(rewrap(co, "USA", _plain(requester, co, token, body, dpop=False)))[0].status == "permit"
+
+
+def _rsa_public_pem(bits: int, exponent: int = 65537) -> str:
+    """An RSA public key of ``bits`` bits (an odd modulus, not a product of two primes: only its shape matters)."""
+    modulus = (1 << (bits - 1)) | (1 << 5) | 1
+    return P.public_key_pem(rsa.RSAPublicNumbers(exponent, modulus).public_key())
+
+
+@pytest.mark.parametrize("bits", [8200, 16384, 16400])
+def test_an_oversized_rsa_client_key_is_refused_before_any_unwrap(co: Coalition, request_parts: tuple,
+                                                                   bits: int) -> None:
+    requester, body, token = request_parts
+    call = requester.call(co, "USA", token, {**body, "clientPublicKey": _rsa_public_pem(bits)})
+    _rejected(co, "USA", call, FormatError, "at most 8192 bits")
+
+
+def test_an_rsa_key_openssl_will_not_encrypt_to_is_a_per_kao_bad_request(co: Coalition, request_parts: tuple) -> None:
+    """OpenSSL refuses a public exponent over 64 bits with a modulus over 3072 bits. Such a key is the
+    client's fault: a 400 for that KAO and its audit record, not a 503 with no record."""
+    requester, body, token = request_parts
+    call = requester.call(co, "USA", token, {**body, "clientPublicKey": _rsa_public_pem(4096, (1 << 100) + 1)})
+    (result,) = results(rewrap(co, "USA", call))
+    fail_closed(result, OPENTDF_BAD_REQUEST)
+    (event,) = co.events(call)
+    assert event.action is AuditAction.KEY_ERROR and event.error_code == "bad_format"
+    assert "RSA-OAEP" in " ".join(event.reasons)
+
+
+def test_a_policy_uuid_that_is_not_id_like_is_audited_as_its_digest(co: Coalition) -> None:
+    token = co.token("USA", "alice", "SECRET")
+    for uuid_text, audited in [("3fa85f64-5717-4562-b3fc-2c963f66afa6", "3fa85f64-5717-4562-b3fc-2c963f66afa6"),
+                               (token, None), ("x" * 5000, None)]:
+        pol = policy().model_copy(update={"uuid": uuid_text})
+        call, result, _ = one(co, "USA", token, pol, kao_for(co, "USA", pol, co.share()))
+        assert result.status == "permit"
+        (event,) = co.events(call)
+        if audited is not None:
+            assert event.policy_uuid == audited
+        else:
+            assert event.policy_uuid is not None and event.policy_uuid.startswith("sha256:")
+            assert len(event.policy_uuid) == len("sha256:") + 16
+
 @pytest.mark.parametrize("client", ["ec", "rsa"])
 @pytest.mark.parametrize("legacy_binding", [False, True])
 def test_v1_body(co: Coalition, client: str, legacy_binding: bool) -> None:

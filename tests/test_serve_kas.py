@@ -372,13 +372,14 @@ def test_permit_on_every_rewrap_route(kas: Kas, client_key: str) -> None:
     requester = Requester(kas, client_key=key)
     token = kas.token("FRA", sub, "SECRET_DEFENSE")
     v1, v2 = requester.v1(kao, pol.to_base64()), requester.v2((pol.to_base64(), [kao]))
+    # A plain body goes with a bearer token alone: with a DPoP proof the KAS wants the body signed by its key.
     for route, srt in [(CONNECT_REWRAP, True), (REST_REWRAP, True), (ACP_REWRAP, True), (ACP_REWRAP, False)]:
-        rid, reply = requester.http("FRA", token, v1, route=route, srt=srt)
+        rid, reply = requester.http("FRA", token, v1, route=route, srt=srt, dpop=srt)
         assert reply.status_code == 200, reply.text
         wire = reply.json()
         assert requester.open(wire, wire["entityWrappedKey"]) == share
         one_line(kas, "FRA", rid, "KEY_RELEASED")
-        rid, reply = requester.http("FRA", token, v2, route=route, srt=srt)
+        rid, reply = requester.http("FRA", token, v2, route=route, srt=srt, dpop=srt)
         assert reply.status_code == 200, reply.text
         wire = reply.json()
         (result,) = results(wire)

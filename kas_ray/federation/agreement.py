@@ -3,9 +3,24 @@
 from __future__ import annotations
 
 from kas_ray.config import AgreementConfig, normalize_label
-from kas_ray.errors import KasRayError
+from kas_ray.errors import ConfigError, KasRayError
 from kas_ray.policy import Check, Decision, PolicyEngine, Subject
 from kas_ray.policy.attributes import parse_fqn
+
+
+def clearance_levels(engine: PolicyEngine) -> list[str]:
+    """The clearance values of the ABAC configuration, lowest first (normalised labels)."""
+    return [normalize_label(v) for d in engine.config.attributes.values() if d.subject == "clearance"
+            for v in d.values]
+
+
+def check_agreement(engine: PolicyEngine, agreement: AgreementConfig, peer: str) -> None:
+    """Refuse, at start, a classification cap that is not a clearance level: a misspelt cap must not
+    read as "no cap"."""
+    cap = agreement.max_classification
+    if cap is not None and normalize_label(cap) not in clearance_levels(engine):
+        raise ConfigError(f"the agreement with {peer} caps classification at {cap!r}, which is not a "
+                          f"clearance level of the ABAC configuration ({', '.join(clearance_levels(engine))})")
 
 
 def apply_agreement(engine: PolicyEngine, decision: Decision, agreement: AgreementConfig, subject: Subject,
@@ -17,9 +32,10 @@ def apply_agreement(engine: PolicyEngine, decision: Decision, agreement: Agreeme
         if (subject.nationality or "") not in allowed:
             reasons.append(f"the agreement with {forwarder} does not cover subjects of {subject.nationality}")
     if agreement.max_classification is not None or agreement.cois is not None:
-        levels = [normalize_label(v) for d in engine.config.attributes.values() if d.subject == "clearance"
-                  for v in d.values]
+        levels = clearance_levels(engine)
         cap = normalize_label(agreement.max_classification) if agreement.max_classification else None
+        if cap is not None and cap not in levels:  # refused at start (check_agreement); fail closed anyway
+            reasons.append(f"the agreement with {forwarder} caps classification at an unknown level")
         allowed_cois = {normalize_label(c) for c in agreement.cois} if agreement.cois is not None else None
         for fqn in attributes:
             try:

@@ -116,8 +116,11 @@ class Federation:
         answer = verify_result(reply, me=self.nation, peer=peer.nation, nonce=nonce, keys=self.keys,
                                now=self._clock())
         sent = {item["keyAccessObjectId"] for item in body["keyAccessObjects"]}
+        raw_results = answer.get("results", [])
         try:
-            results = [KaoResult.model_validate(r) for r in answer.get("results", [])]
+            if not isinstance(raw_results, list):
+                raise ValueError("results is not a list")
+            results = [KaoResult.model_validate(r) for r in raw_results]
         except ValueError:
             raise ForwardError(f"peer {peer.nation} sent malformed results") from None
         foreign = {r.key_access_object_id for r in results} - sent

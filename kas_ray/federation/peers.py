@@ -49,6 +49,8 @@ def _unwrap_envelope(peer: PeerConfig, envelope: Any) -> dict[str, Any]:
         raise PeerUnavailable(f"peer {peer.nation} sent a malformed answer")
     if "error" in envelope:
         error = envelope["error"]
+        if not isinstance(error, dict):
+            raise PeerUnavailable(f"peer {peer.nation} sent a malformed answer")
         raise error_from_code(str(error.get("code")), f"peer {peer.nation}: {error.get('message')}")
     result = envelope.get("ok")
     if not isinstance(result, dict):

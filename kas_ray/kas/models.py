@@ -33,6 +33,14 @@ class PolicyRequest(WireModel):
     algorithm: str | None = None
     key_access_objects: list[KaoRequest] = Field(min_length=1)
 
+    @field_validator("key_access_objects")
+    @classmethod
+    def _unique_ids(cls, value: list[KaoRequest]) -> list[KaoRequest]:
+        # Results, audit records and the broker's bookkeeping are keyed by KAO id within a policy.
+        if len({k.key_access_object_id for k in value}) != len(value):
+            raise ValueError("keyAccessObjectId values must be unique within a policy")
+        return value
+
 
 class RewrapRequestBody(WireModel):
     """The ``requestBody`` of a signed request token (v2), or a v1 body (one ``keyAccess``)."""

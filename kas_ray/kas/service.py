@@ -16,6 +16,7 @@ import base64
 import contextlib
 import functools
 import hashlib
+import hmac
 import inspect
 import time
 import uuid
@@ -42,7 +43,7 @@ from kas_ray.errors import (
     showable,
     showable_url,
 )
-from kas_ray.federation.agreement import apply_agreement
+from kas_ray.federation.agreement import apply_agreement, check_agreement
 from kas_ray.federation.envelope import ForwardError
 from kas_ray.hazmat import primitives as P
 from kas_ray.kas.models import (
@@ -120,7 +121,10 @@ class _Session:
             return base64.b64encode(P.aes_gcm_encrypt(self._wrap_key, share)).decode()
         assert isinstance(self.client_key, rsa.RSAPublicKey)
         # OpenTDF clients expect RSA-OAEP with SHA-1 for the rewrapped key.
-        return base64.b64encode(P.rsa_oaep_encrypt(self.client_key, share, "sha1")).decode()
+        try:
+            return base64.b64encode(P.rsa_oaep_encrypt(self.client_key, share, "sha1")).decode()
+        except ValueError:  # a key OpenSSL will not encrypt to: the client's fault, and audited as such
+            raise FormatError("clientPublicKey cannot be used for RSA-OAEP") from None
 
 
 class KasUnavailable(KasRayError):
@@ -147,9 +151,6 @@ class _Request:
     deadline: float
     #: Set when the request was forwarded by a peer: its agreement caps apply, nothing is forwarded again.
     agreement: AgreementConfig | None = None
-    #: KAO ids the broker gave up on (deadline, or the request was cancelled) after recording their failure:
-    #: a task that still finishes (a cancellation can be swallowed, e.g. by 3.11's wait_for) records nothing.
-    abandoned: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -157,6 +158,10 @@ class _PolicyWork:
     policy_b64: str
     policy: Policy | None
     decision: Decision | None
+    #: KAO ids of this policy the broker gave up on (deadline, or the request was cancelled) after recording
+    #: their failure: a task that still finishes (a cancellation can be swallowed, e.g. by 3.11's wait_for)
+    #: records nothing. Per policy: KAO ids are unique within a policy, not across a request's policies.
+    abandoned: set[str] = field(default_factory=set)
 
     @property
     def digest(self) -> str:
@@ -200,6 +205,8 @@ class RewrapService:
         self.rate_limiter = rate_limiter
         if federation is not None:
             federation.listener = self._on_federation_event
+            for peer in federation.peers.values():
+                check_agreement(policy, peer.agreement, peer.nation)
         self._clock = clock
 
     # --- routing -------------------------------------------------------------------------------------
@@ -236,6 +243,11 @@ class RewrapService:
                 max_age_seconds=self.trust.signed_request_max_age_seconds, clock=self._clock,
                 leeway_seconds=self.trust.leeway_seconds,
             )
+        elif proof is not None:
+            # The proof binds the token to a key but not the body to anything: only the key's signature over
+            # the body binds the client key the share is rewrapped to (a captured proof must not be usable
+            # with a client key of the thief's choosing).
+            raise SignedRequestError("with a DPoP proof the body must be a signedRequestToken signed by the DPoP key")
         else:
             raw = body
         try:
@@ -259,6 +271,8 @@ class RewrapService:
             raise FormatError("clientPublicKey is not a PEM public key") from None
         if isinstance(key, rsa.RSAPublicKey) and key.key_size < self.limits.min_rsa_client_key_bits:
             raise FormatError(f"clientPublicKey RSA keys need at least {self.limits.min_rsa_client_key_bits} bits")
+        if isinstance(key, rsa.RSAPublicKey) and key.key_size > self.limits.max_rsa_client_key_bits:
+            raise FormatError(f"clientPublicKey RSA keys may have at most {self.limits.max_rsa_client_key_bits} bits")
         if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name not in ("secp256r1", "secp384r1", "secp521r1"):
             raise FormatError("clientPublicKey uses an unsupported curve")
         return key
@@ -297,7 +311,13 @@ class RewrapService:
         ctx = _Request(call=call, token=parse_authorization(call.authorization)[1], verified=verified,
                        subject=_subject(verified), session=session, client_public_key=request.client_public_key,
                        dpop_jwk=proof.jwk if proof else None, signed_request=_srt(call.body), deadline=deadline)
-        responses = await asyncio.gather(*(self._policy(ctx, req) for req in request.policy_requests()))
+        tasks = [asyncio.ensure_future(self._policy(ctx, req)) for req in request.policy_requests()]
+        try:
+            responses = await asyncio.gather(*tasks)
+        except BaseException:  # one policy failed the request: the others must not go on releasing keys
+            for task in tasks:
+                task.cancel()
+            raise
         response = RewrapResponse(session_public_key=session.session_public_pem, responses=list(responses))
         if request.is_v1:
             # v1 (one keyAccess) answers with a status, as the platform does: 400/403 carry no key.
@@ -307,6 +327,10 @@ class RewrapService:
                     raise KasUnavailable(first.error or "")
                 raise (AccessDenied if first.error == OPENTDF_FORBIDDEN else FormatError)(first.error or "")
             response.entity_wrapped_key = first.kas_wrapped_key
+            # A peer rewrapped it under its own session key (EC clients): v1 has only the top-level one.
+            peer_session = first.metadata.get("sessionPublicKey")
+            if isinstance(peer_session, str):
+                response.session_public_key = peer_session
         return response
 
     # --- per policy: local work and brokered work --------------------------------------------------------
@@ -413,7 +437,7 @@ class RewrapService:
                         task.cancel()  # the transport cancels the call at the peer
                         absorb(self._unneeded(ctx, work, nation, items, audit=reason))
                         # Should the cancellation be swallowed (3.11 wait_for), the forward records nothing more.
-                        ctx.abandoned.update(item.key_access_object_id for item in items)
+                        work.abandoned.update(item.key_access_object_id for item in items)
         finally:
             for task, (nation, items) in pending.items():  # deadline passed (or we were cancelled)
                 if task.done() and not task.cancelled() and task.exception() is None:
@@ -422,7 +446,7 @@ class RewrapService:
                 task.cancel()
                 absorb([self._fail(ctx, work, item, KasUnavailable(f"{nation}: deadline exceeded"))
                         for item in items])
-                ctx.abandoned.update(item.key_access_object_id for item in items)
+                work.abandoned.update(item.key_access_object_id for item in items)
         return results
 
     async def _kao_batch(self, ctx: _Request, work: _PolicyWork, item: KaoRequest) -> list[KaoResult]:
@@ -446,12 +470,12 @@ class RewrapService:
             answer = await self.federation.forward(peer, body, hops=ctx.call.hops, deadline=ctx.deadline,
                                                    batchable=batchable)
         except KasRayError as exc:
-            if not ctx.abandoned.issuperset(i.key_access_object_id for i in items):
+            if not work.abandoned.issuperset(i.key_access_object_id for i in items):
                 self._audit_federation(ctx, work, AuditAction.FORWARD_FAILED, nation, [exc.message], started, exc)
             return [self._fail(ctx, work, item, exc, audit=False) for item in items]
         by_id = {r.key_access_object_id: r for r in answer.results}
         permits = sum(1 for r in answer.results if r.status == "permit")
-        if not ctx.abandoned.issuperset(i.key_access_object_id for i in items):
+        if not work.abandoned.issuperset(i.key_access_object_id for i in items):
             self._audit_federation(ctx, work, AuditAction.FORWARD_RESULT, nation,
                                    [f"{permits} of {len(items)} key access objects released by {nation}"], started)
         out: list[KaoResult] = []
@@ -582,7 +606,11 @@ class RewrapService:
         Otherwise any KAS holding a user's token could have a peer rewrap shares to a key of its own.
         """
         jwk = body.get("dpopJwk")
-        if not isinstance(jwk, dict) or jwk_thumbprint(jwk) != jkt:
+        try:
+            bound = isinstance(jwk, dict) and hmac.compare_digest(jwk_thumbprint(jwk).encode(), jkt.encode())
+        except ValueError:  # not a JWK we can take the thumbprint of
+            bound = False
+        if not bound:
             raise DPoPError("the user's token is DPoP-bound: the forward must carry that DPoP key")
         srt = body.get("signedRequestToken")
         if not isinstance(srt, str):
@@ -595,7 +623,7 @@ class RewrapService:
     # --- audit ------------------------------------------------------------------------------------------
     def _audit_kao(self, ctx: _Request, item: KaoRequest, info: KeyInfo | None, work: _PolicyWork,
                    error: KasRayError | None, started: float) -> None:
-        if item.key_access_object_id in ctx.abandoned:
+        if item.key_access_object_id in work.abandoned:
             return  # the broker recorded this KAO's failure already; its answer never reaches the client
         decision = work.decision
         if error is None:
@@ -608,7 +636,7 @@ class RewrapService:
         self.audit.emit(AuditEvent(
             action=action, request_id=ctx.call.request_id, nation=self.nation, subject=ctx.verified.subject,
             issuer=ctx.verified.issuer, kid=info.kid if info else showable(item.key_access_object.kid),
-            kao_id=audit_id(item.key_access_object_id), policy_uuid=work.policy.uuid if work.policy else None,
+            kao_id=audit_id(item.key_access_object_id), policy_uuid=audit_id(work.policy.uuid) if work.policy else None,
             policy_digest=work.digest, decision=outcome, reasons=reasons,
             error_code=error.code if error else None, latency_ms=round((time.perf_counter() - started) * 1e3, 3),
             hops=ctx.call.hops,
@@ -618,7 +646,7 @@ class RewrapService:
                           reasons: list[str], started: float, error: KasRayError | None = None) -> None:
         self.audit.emit(AuditEvent(
             action=action, request_id=ctx.call.request_id, nation=self.nation, subject=ctx.verified.subject,
-            issuer=ctx.verified.issuer, peer=peer, policy_uuid=work.policy.uuid if work.policy else None,
+            issuer=ctx.verified.issuer, peer=peer, policy_uuid=audit_id(work.policy.uuid) if work.policy else None,
             policy_digest=work.digest, decision="error" if error else "routed", reasons=reasons,
             error_code=error.code if error else None, latency_ms=round((time.perf_counter() - started) * 1e3, 3),
             hops=ctx.call.hops,

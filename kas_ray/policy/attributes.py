@@ -112,7 +112,10 @@ def parse_embargo(value: str) -> datetime | None:
         return None
     if moment.tzinfo is None or moment.utcoffset() is None:
         return None
-    return moment.astimezone(UTC)
+    try:
+        return moment.astimezone(UTC)
+    except (OverflowError, OSError):  # e.g. 0001-01-01T00:00:00+14:00 lies before datetime.min in UTC
+        return None
 
 
 def format_embargo(moment: datetime) -> str:
