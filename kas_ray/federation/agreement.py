@@ -17,10 +17,10 @@ def clearance_levels(engine: PolicyEngine) -> list[str]:
 def check_agreement(engine: PolicyEngine, agreement: AgreementConfig, peer: str) -> None:
     """Refuse, at start, a classification cap that is not a clearance level: a misspelt cap must not
     read as "no cap"."""
-    cap = agreement.max_classification
-    if cap is not None and normalize_label(cap) not in clearance_levels(engine):
+    cap, levels = agreement.max_classification, clearance_levels(engine)
+    if cap is not None and normalize_label(cap) not in levels:
         raise ConfigError(f"the agreement with {peer} caps classification at {cap!r}, which is not a "
-                          f"clearance level of the ABAC configuration ({', '.join(clearance_levels(engine))})")
+                          f"clearance level of the ABAC configuration ({', '.join(levels)})")
 
 
 def apply_agreement(engine: PolicyEngine, decision: Decision, agreement: AgreementConfig, subject: Subject,

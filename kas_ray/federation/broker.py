@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from pydantic import TypeAdapter
+
 from kas_ray.config import AgreementConfig, FederationConfig, PeerConfig
 from kas_ray.errors import ConfigError, KasRayError
 from kas_ray.federation.breaker import BreakerBoard, BreakerState
@@ -30,6 +32,9 @@ from kas_ray.federation.envelope import (
 from kas_ray.federation.peers import HandlePeerTransport, HttpsPeerTransport, PeerTransport
 from kas_ray.kas.models import KaoResult
 from kas_ray.trust import ReplayStore
+
+#: A peer's per-KAO results: a list of results, or the answer is malformed (ValidationError is a ValueError).
+_RESULTS = TypeAdapter(list[KaoResult])
 
 
 def _base(url: str) -> str:
@@ -116,11 +121,8 @@ class Federation:
         answer = verify_result(reply, me=self.nation, peer=peer.nation, nonce=nonce, keys=self.keys,
                                now=self._clock())
         sent = {item["keyAccessObjectId"] for item in body["keyAccessObjects"]}
-        raw_results = answer.get("results", [])
         try:
-            if not isinstance(raw_results, list):
-                raise ValueError("results is not a list")
-            results = [KaoResult.model_validate(r) for r in raw_results]
+            results = _RESULTS.validate_python(answer.get("results", []))
         except ValueError:
             raise ForwardError(f"peer {peer.nation} sent malformed results") from None
         foreign = {r.key_access_object_id for r in results} - sent
