@@ -28,6 +28,7 @@ from kas_ray.errors import (
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DENIED, EXIT_TAMPERED, EXIT_UNREACHABLE, EXIT_TOKEN = 0, 1, 2, 3, 4, 5, 6
 PROFILE_ENV = "KAS_RAY_PROFILE"
 TOKEN_ENV = "KAS_RAY_TOKEN"  # noqa: S105 - a variable name, not a secret
+ALLOWED_KAS_ENV = "KAS_RAY_ALLOWED_KAS"
 
 
 def _one_line(text: object) -> str:
@@ -92,6 +93,7 @@ def _kas_keys(args: argparse.Namespace) -> list:
 
 
 def _key_from_file(url: str, path: Path, oaep_hash: str | None) -> object:
+    from kas_ray.hazmat import primitives as P
     from kas_ray.ztdf import KasKey
 
     try:
@@ -107,7 +109,7 @@ def _key_from_file(url: str, path: Path, oaep_hash: str | None) -> object:
             raise CliError(f"{path} is neither a PEM nor a {{publicKey, kid}} JSON document") from None
     try:
         key = KasKey(url=url, public_key_pem=text, kid=kid or None)
-        oaep = oaep_hash or ("sha1" if key.algorithm == "rsa:2048" else "sha256")
+        oaep = oaep_hash or P.oaep_hash_for(key.algorithm)
         return key.model_copy(update={"oaep_hash": oaep})
     except ValueError as exc:
         errors = getattr(exc, "errors", None)  # pydantic ValidationError: keep the first message only
@@ -185,11 +187,17 @@ def _token(args: argparse.Namespace) -> str:
     return token.strip()
 
 
+def _allowed_kas(args: argparse.Namespace) -> list[str]:
+    """The KAS the token may go to: --allow-kas, else $KAS_RAY_ALLOWED_KAS, else `kas-ray serve`'s defaults."""
+    urls = list(args.allow_kas or []) or os.environ.get(ALLOWED_KAS_ENV, "").replace(",", " ").split()
+    return urls or [f"http://127.0.0.1:8000/{nation.lower()}" for nation in DEFAULT_NATIONS]
+
+
 def cmd_decrypt(args: argparse.Namespace) -> int:
     from kas_ray.client import HttpTransport, KasClient
     from kas_ray.ztdf import decrypt
 
-    client = KasClient(HttpTransport(timeout=args.timeout), _token(args))
+    client = KasClient(HttpTransport(timeout=args.timeout), _token(args), allowed_kas=_allowed_kas(args))
 
     def run(out) -> None:  # type: ignore[no-untyped-def]
         with _open_input(args.input) as fh:
@@ -471,6 +479,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--token", help=f"access token (prefer --token-file or ${TOKEN_ENV})")
     p.add_argument("--token-file")
+    p.add_argument("--allow-kas", action="append", metavar="URL",
+                   help=f"a KAS the token may be sent to (repeat; default ${ALLOWED_KAS_ENV}, comma-separated, else "
+                        "the local `kas-ray serve` nations): a TDF names its own KAS, so a crafted file could name "
+                        "one that collects tokens")
     p.add_argument("--timeout", type=float, default=10.0)
     p.set_defaults(func=cmd_decrypt)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import binascii
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -22,11 +22,13 @@ from pydantic import ValidationError
 
 from kas_ray.errors import (
     AccessDenied,
+    KasNotAllowed,
     KasRayError,
     KasUnreachableError,
     KeyUnwrapError,
     RewrapError,
     TokenError,
+    showable_url,
 )
 from kas_ray.hazmat import primitives as P
 from kas_ray.kas.models import OPENTDF_FORBIDDEN, KaoResult, PublicKeyResponse, RewrapResponse
@@ -78,7 +80,8 @@ class HttpTransport(Transport):
         except ValueError:
             data = {}
         if response.status_code != 200:
-            message = data.get("message") or data.get("error") or response.reason_phrase
+            fields = data if isinstance(data, dict) else {}  # a proxy's error page may be anything
+            message = fields.get("message") or fields.get("error") or response.reason_phrase
             error = _STATUS_ERRORS.get(response.status_code, RewrapError)
             if response.status_code >= 500:
                 error = KasUnreachableError
@@ -182,9 +185,14 @@ class KasClient:
     """Rewraps KAOs for one user (access token) with a fresh DPoP key and session key pair."""
 
     def __init__(self, transport: Transport, token: str | None = None, *, client_key_type: str = "ec",
-                 use_dpop: bool = True, dpop_key: P.PrivateKey | None = None) -> None:
+                 use_dpop: bool = True, dpop_key: P.PrivateKey | None = None,
+                 allowed_kas: Iterable[str] | None = None) -> None:
         self.transport = transport
         self.token = token
+        #: The KAS (base URLs) this client sends its token to; None: any. A TDF names its KAS itself, so a
+        #: client opening files it did not make should set it (the CLI does), or a crafted file's KAS URL
+        #: collects the token. The OpenTDF SDKs' KAS allowlist, for the same reason.
+        self.allowed_kas = None if allowed_kas is None else frozenset(kas_base_url(u) for u in allowed_kas)
         #: Pass the key a DPoP-bound token (``cnf.jkt``) names; otherwise a fresh one per client.
         self._dpop_key = dpop_key or (ec.generate_private_key(ec.SECP256R1()) if use_dpop else None)
         self._client_key: P.PrivateKey = (
@@ -195,7 +203,7 @@ class KasClient:
     def public_key(self, kas_url: str, algorithm: KeyAlgorithm = "rsa:2048") -> KasKey:
         """The KAS's current public key for ``algorithm`` (OAEP-SHA1 for rsa:2048, as OpenTDF expects)."""
         response = self.transport.public_key(kas_base_url(kas_url), algorithm)
-        oaep = "sha1" if algorithm == "rsa:2048" else "sha256"
+        oaep = P.oaep_hash_for(algorithm)
         return KasKey(url=kas_url, public_key_pem=response.public_key, kid=response.kid or None,
                       algorithm=algorithm, oaep_hash=oaep)
 
@@ -213,6 +221,9 @@ class KasClient:
         """One rewrap request to ``base`` for ``kaos``; the share or the error for each, in order."""
         if not self.token:
             raise TokenError("an access token is needed to rewrap")
+        if self.allowed_kas is not None and base not in self.allowed_kas:
+            raise KasNotAllowed(f"the KAS at {showable_url(base) or '(a URL not shown)'} is not an allowed KAS: "
+                                "its key access object was not sent, nor the token")
         body = {
             "clientPublicKey": P.public_key_pem(self._client_key.public_key()),
             "requests": [{

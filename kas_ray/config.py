@@ -11,6 +11,7 @@ import re
 from enum import StrEnum
 from pathlib import Path
 from typing import Literal, TypeVar
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -152,9 +153,21 @@ class JwksSource(_Model):
     def _exactly_one(self) -> JwksSource:
         if (self.file is None) == (self.url is None):
             raise ValueError("give exactly one of jwks.file or jwks.url")
-        if self.url is not None and not self.url.startswith(("https://", "http://127.0.0.1", "http://localhost")):
-            raise ValueError("a JWKS URL must be https (plain http only on loopback)")
+        if self.url is not None and not _https_or_loopback(self.url):
+            raise ValueError("a JWKS URL must be https (plain http only on loopback), without user info")
         return self
+
+
+def _https_or_loopback(url: str) -> bool:
+    """https, or http to the loopback host itself (not ``127.0.0.1@evil``, ``localhost.evil``, ``127.0.0.1.nip.io``)."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        return False
+    if not host or parts.username is not None or parts.password is not None:
+        return False
+    return parts.scheme == "https" or (parts.scheme == "http" and host in ("127.0.0.1", "localhost", "::1"))
 
 
 class ClaimNames(_Model):
@@ -285,8 +298,9 @@ class Pkcs11KeyConfig(_Model):
     id_hex: str | None = None
     #: Checked against the key on the token (rsa:2048, rsa:3072, rsa:4096 or ec:secp256r1).
     algorithm: str = "rsa:4096"
-    #: OAEP hash of ``wrapped`` KAOs for an RSA key (ignored for EC keys).
-    oaep_hash: Literal["sha1", "sha256"] | None = "sha256"
+    #: OAEP hash of ``wrapped`` KAOs for an RSA key (ignored for EC keys); None: what clients use for the
+    #: algorithm (SHA-1 for rsa:2048, as OpenTDF clients do; SHA-256 for larger keys).
+    oaep_hash: Literal["sha1", "sha256"] | None = None
     #: active: published and used; retired: still decrypts; disabled: refused. List newest keys first.
     status: Literal["active", "retired", "disabled"] = "active"
 
@@ -452,7 +466,8 @@ class RedisConfig(_Model):
         scheme = self.url.split("://", 1)[0].lower() if "://" in self.url else ""
         if scheme not in ("redis", "rediss"):
             raise ValueError("redis.url must start with redis:// or rediss://")
-        if "@" in self.url.split("://", 1)[1].split("/", 1)[0]:
+        rest = self.url.split("://", 1)[1]
+        if "@" in rest.split("/", 1)[0] or "password=" in rest.lower():
             raise ValueError("redis.url must not carry credentials: use username and password_env/password_file")
         if self.password_env and self.password_file:
             raise ValueError("give at most one of redis.password_env and redis.password_file")

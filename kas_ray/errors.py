@@ -61,6 +61,11 @@ class KasRayError(Exception):
     def message(self) -> str:
         return str(self.args[0]) if self.args else self.code
 
+    @property
+    def public_message(self) -> str:
+        """What a client is told; :attr:`message` goes to the log and the audit (operators)."""
+        return self.message
+
 
 # --- configuration --------------------------------------------------------------------------------
 class ConfigError(KasRayError):
@@ -71,6 +76,12 @@ class ConfigError(KasRayError):
 
 
 # --- format / integrity ---------------------------------------------------------------------------
+class KasNotAllowed(ConfigError):
+    """A key access object names a KAS the client is not configured to trust: its token is not sent there."""
+
+    code = "kas_not_allowed"
+
+
 class FormatError(KasRayError):
     """The input is not a well-formed ZTDF/TDF3 object."""
 
@@ -143,6 +154,11 @@ class KeyBackendUnavailable(KasRayError):
 
     code = "key_backend_unavailable"
     http_status = 503
+
+    @property
+    def public_message(self) -> str:
+        # The detail names KMS resources, credential and PIN file paths, token labels: for operators only.
+        return "the key backend is unavailable; retry later"
 
 
 # --- trust ------------------------------------------------------------------------------------------

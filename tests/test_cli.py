@@ -16,24 +16,28 @@ import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from kas_ray import cli
 from kas_ray.audit import MemoryAuditSink
-from kas_ray.client import KasClient, LocalTransport
+from kas_ray.client import KasClient, LocalTransport, Transport
 from kas_ray.config import AbacConfig
 from kas_ray.errors import (
     AccessDenied,
+    KasNotAllowed,
+    KasUnreachableError,
     PayloadIntegrityError,
     RewrapError,
     RootSignatureError,
 )
 from kas_ray.kas.local import build_local_services, nation_url
+from kas_ray.kas.models import PublicKeyResponse, RewrapResponse
 from kas_ray.keys.software import PASSPHRASE_ENV, PASSPHRASE_FILE_ENV
 from kas_ray.policy import parse_fqn
 from kas_ray.trust import DevIdentityProvider, TokenVerifier, dev_issuer, dev_trust_registry
-from kas_ray.ztdf import Policy, decrypt, read_manifest
+from kas_ray.ztdf import KeyAccessObject, Policy, decrypt, read_manifest, wrap_share
 from kas_ray.ztdf.manifest import MANIFEST_ENTRY, PAYLOAD_ENTRY
 
 NATIONS = ["USA", "FRA", "GBR"]
@@ -409,10 +413,12 @@ def test_decrypt_unreachable_kas(co: Coalition, capsys: pytest.CaptureFixture[st
     src.write_text("unreachable")
     assert run(capsys, *encrypt_args(src, tdf, [(dead, co.key_file("USA"))]))[0] == 0
     token = DevIdentityProvider(co.state, "USA").mint("alice", "SECRET")
-    line = failed(run(capsys, "decrypt", tdf, "-o", out, "--token", token, "--timeout", "5"), 5, "kas_unreachable")
+    line = failed(run(capsys, "decrypt", tdf, "-o", out, "--token", token, "--timeout", "5", "--allow-kas", dead),
+                  5, "kas_unreachable")
     assert f"127.0.0.1:{port}" in line and token not in line
     assert not out.exists() and not list(tmp_path.glob("*.partial"))
-    # The token from the environment and from a file is used the same way.
+    # The token from the environment and from a file is used the same way (the allowed KAS from the environment).
+    monkeypatch.setenv(cli.ALLOWED_KAS_ENV, f"http://127.0.0.1:1/usa, {dead}")
     monkeypatch.setenv(cli.TOKEN_ENV, token)
     failed(run(capsys, "decrypt", tdf, "-o", out), 5, "kas_unreachable")
     monkeypatch.delenv(cli.TOKEN_ENV)
@@ -421,6 +427,47 @@ def test_decrypt_unreachable_kas(co: Coalition, capsys: pytest.CaptureFixture[st
     # Fetching the KAS key (no --kas-key) fails the same way.
     failed(run(capsys, *encrypt_args(src, tmp_path / "b.tdf", [(dead, "")])), 5, "kas_unreachable")
     assert not (tmp_path / "b.tdf").exists()
+
+
+class _Recording(Transport):
+    """The network as the client sees it: records where a token would have been sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict[str, str]]] = []
+
+    def public_key(self, base_url: str, algorithm: str) -> PublicKeyResponse:
+        raise AssertionError("not used")
+
+    def rewrap(self, base_url: str, headers: dict[str, str], body: dict[str, Any]) -> RewrapResponse:
+        self.sent.append((base_url, headers))
+        raise KasUnreachableError(f"KAS {base_url} is unreachable")
+
+
+def test_a_tdf_naming_a_kas_that_is_not_allowed_never_gets_the_token(co: Coalition, capsys: pytest.CaptureFixture[str],
+                                                                     tmp_path: Path) -> None:
+    """A TDF names its own KAS: a crafted one naming a collector must not receive the reader's token."""
+    src, tdf, out = tmp_path / "a.txt", tmp_path / "a.tdf", tmp_path / "a.out"
+    src.write_text("bait")
+    attacker = "http://127.0.0.1:9/usa"  # nothing listens on the discard port: a token sent would show as unreachable
+    assert run(capsys, *encrypt_args(src, tdf, [(attacker, co.key_file("USA"))]))[0] == 0
+    token = DevIdentityProvider(co.state, "USA").mint("alice", "SECRET")
+    line = failed(run(capsys, "decrypt", tdf, "-o", out, "--token", token), 2, "kas_not_allowed")
+    assert "not an allowed KAS" in line and token not in line and not out.exists()
+    # The SDK: refused before the transport is called, and an allowed alternative is still used.
+    recording = _Recording()
+    client = KasClient(recording, token, allowed_kas=[co.url("USA")])
+    with pytest.raises(KasNotAllowed):
+        client.rewrap(KeyAccessObject.model_validate({**_kao_wire(co), "url": "http://attacker.example/kas"}), "e30=")
+    assert recording.sent == []
+    with pytest.raises(KasUnreachableError):
+        client.rewrap(KeyAccessObject.model_validate(_kao_wire(co)), "e30=")
+    assert [url for url, _ in recording.sent] == [co.url("USA")]
+
+
+def _kao_wire(co: Coalition) -> dict[str, Any]:
+    pol = Policy.create([])
+    return wrap_share(KasClient(co.transport, use_dpop=False).public_key(co.url("USA")), b"\0" * 32,
+                      pol.to_base64()).to_wire()
 
 
 # === demo and the installed script =========================================================================

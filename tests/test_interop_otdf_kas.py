@@ -224,7 +224,8 @@ def test_cli_end_to_end_over_http(kas_cluster, tmp_path, capsys):
         return path
 
     alice = _sub("alice")
-    assert cli.main(["decrypt", str(tdf), "-o", str(plain), "--token-file", str(token_file(alice, "SECRET"))]) == 0
+    assert cli.main(["decrypt", str(tdf), "-o", str(plain), "--token-file", str(token_file(alice, "SECRET")),
+                     "--allow-kas", usa]) == 0
     assert plain.read_bytes() == PLAINTEXT
 
     # The CLI's TDF is readable by otdf-python through the same KAS, too.
@@ -234,7 +235,7 @@ def test_cli_end_to_end_over_http(kas_cluster, tmp_path, capsys):
     denied = tmp_path / "denied.txt"
     capsys.readouterr()
     code = cli.main(["decrypt", str(tdf), "-o", str(denied), "--token-file",
-                     str(token_file(carol, "CONFIDENTIAL"))])
+                     str(token_file(carol, "CONFIDENTIAL")), "--allow-kas", usa])
     err = capsys.readouterr().err
     assert code == 3
     assert len(err.splitlines()) == 1 and err.startswith("kas-ray: ")

@@ -338,6 +338,22 @@ def test_pin_sources(token: Token, monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
         run(K.Pkcs11Backend(missing, "TEST").keys())
 
 
+
+def test_a_configured_key_without_oaep_hash_takes_the_algorithms_default(token: Token) -> None:
+    """rsa:2048 without ``oaep_hash`` is OAEP-SHA1, what OpenTDF clients (and KasClient) wrap with; rsa:4096 SHA-256."""
+    keys = [token.keys[kid].key_config().model_copy(update={"oaep_hash": None}) for kid in (R2048, R4096)]
+    assert all(k.oaep_hash is None for k in keys) and Pkcs11KeyConfig(kid="k").oaep_hash is None
+    backend = K.Pkcs11Backend(token.config(keys=keys), "TEST", pin=token.pin)
+    try:
+        infos = {i.kid: i for i in run(backend.keys())}
+        assert (infos[R2048].oaep_hash, infos[R4096].oaep_hash) == ("sha1", "sha256")
+        share = os.urandom(32)
+        for kid, info in infos.items():
+            wrapped, _ = wrap(info.public_key_pem, share, P.oaep_hash_for(info.algorithm))
+            assert run(backend.unwrap(kid, wrapped)) == share
+    finally:
+        run(backend.close())
+
 WRONG_PIN_SCRIPT = """
 import asyncio, json, sys
 from kas_ray.config import Pkcs11Config, Pkcs11KeyConfig

@@ -701,7 +701,8 @@ def test_acl_user_per_nation_with_password_from_env_or_file(redis_factory: Calla
 
 
 def test_config_checks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for bad in ("127.0.0.1:6379", "http://x", "redis://user:pw@host:6379/0"):
+    for bad in ("127.0.0.1:6379", "http://x", "redis://user:pw@host:6379/0", "redis://host:6379/0?password=pw",
+                "rediss://host/0?Password=pw"):
         with pytest.raises(ValidationError):
             RedisConfig(url=bad)
     with pytest.raises(ValidationError, match="rediss"):
@@ -764,3 +765,20 @@ def test_tls_with_client_certificate(redis_factory: Callable[..., Any], tmp_path
             assert refused.snapshot().errors == 1 and refused.link.is_down()
 
     runner.run(scenario())
+
+
+def test_replay_local_pending_write_backs_stay_bounded_through_a_long_outage(runner: asyncio.Runner) -> None:
+    """``local`` mode remembers what it accepted while Redis was down, to write it back later: bounded like
+    the local store, keeping the names that stay replayable longest."""
+    link = RedisLink(RedisConfig(url="redis://127.0.0.1:1/0", retry_interval_seconds=60), NATION)  # refused
+    store = RedisReplayStore(link, on_redis_down="local", max_local_entries=100)
+
+    async def outage() -> None:
+        for i in range(1000):
+            assert await store.acheck_and_store(f"jti-{i}", 30 + i / 100)
+
+    runner.run(outage())
+    assert len(store._pending) <= 100 and store.counters["pending_dropped"] >= 900
+    assert store.counters["local_accepted"] == 1000
+    latest = {store.name(f"jti-{i}") for i in range(990, 1000)}
+    assert latest <= set(store._pending)  # the longest-lived are kept

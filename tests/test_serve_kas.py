@@ -911,6 +911,8 @@ def check_outage_answer(kas: Kas, nation: str, o: Outcome) -> None:
     assert o.wire is not None
     if o.status == 503:
         assert o.headers.get("retry-after") and o.wire["code"] == "unavailable", o
+        if o.wire.get("error") == "key_backend_unavailable":  # the detail is the operators'
+            assert o.wire["message"] == "the key backend is unavailable; retry later", o.wire
         no_key(o.wire)
     else:
         assert o.status == 200, (o.v1, o.status, o.wire)
@@ -1274,3 +1276,21 @@ def test_no_secret_in_any_log(kas: Kas, tmp_path: Path) -> None:
         assert find_leaks([canary], needles), planted
     leaks = find_leaks(files, needles)
     assert not leaks, f"{len(leaks)} leaks in {len(files)} files: {leaks[:10]}"
+
+
+def test_a_key_backend_failure_tells_the_client_to_retry_and_the_log_the_detail(caplog: pytest.LogCaptureFixture
+                                                                                ) -> None:
+    """A backend's message names KMS resources, credential and PIN file paths: operators read it in the log,
+    a client only learns that the backend is unavailable."""
+    from kas_ray.errors import KeyBackendUnavailable
+    from kas_ray.serve.http import error_response
+
+    detail = ("Cloud KMS refused decrypt of projects/p-usa/locations/europe-west1/keyRings/kas/cryptoKeys/k "
+              "(403); credentials /etc/kas-ray/usa/sa.json")
+    with caplog.at_level("WARNING", logger="kas_ray.http"):
+        response = error_response(KeyBackendUnavailable(detail))
+    body = json.loads(response.body)
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert body == {"code": "unavailable", "message": "the key backend is unavailable; retry later",
+                    "error": "key_backend_unavailable"}
+    assert detail in caplog.text

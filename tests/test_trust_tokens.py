@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,8 @@ class RecordingServer:
         self.requests: list[str] = []
         self.status = 200
         self.redirect_to: str | None = None
+        #: Seconds between the bytes of the answer (a source trickling its document); 0: all at once.
+        self.trickle = 0.0
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -137,7 +140,13 @@ class RecordingServer:
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                if not outer.trickle:
+                    self.wfile.write(body)
+                    return
+                for byte in body:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(outer.trickle)
 
             do_GET = do_POST = do_HEAD = _answer
 
@@ -720,3 +729,36 @@ def test_verified_token_memory_can_be_disabled(jwks_file, clock, ec_key, ec_key2
     assert verifier.verify(mint(ec_key2, kid="ec2", iat=int(clock.now), exp=int(clock.now) + 300))
     with pytest.raises(TokenError, match="unknown kid"):  # checked again at once
         verifier.verify(token)
+
+
+@pytest.mark.parametrize("url", ["https://idp.example/jwks.json", "http://127.0.0.1:8080/jwks.json",
+                                 "http://localhost/jwks.json", "http://[::1]:9000/jwks"])
+def test_jwks_url_https_or_loopback_is_accepted(url: str) -> None:
+    assert JwksSource(url=url).url == url
+
+
+@pytest.mark.parametrize("url", [
+    "http://idp.example/jwks.json",
+    "http://127.0.0.1@attacker.example/jwks.json",  # user info: the host is attacker.example
+    "http://localhost.attacker.example/jwks.json",
+    "http://127.0.0.1.nip.io/jwks.json",
+    "https://user:pass@idp.example/jwks.json",
+    "ftp://127.0.0.1/jwks.json",
+    "http://[::1/jwks",
+])
+def test_jwks_url_that_only_looks_like_loopback_is_refused(url: str) -> None:
+    with pytest.raises(ValueError, match="JWKS URL must be https"):
+        JwksSource(url=url)
+
+
+def test_a_jwks_source_that_trickles_is_cut_at_the_fetch_timeout(server, clock, ec_key) -> None:
+    """Each read comes within the timeout, but the whole document would take ~minutes: the fetch stops
+    at about the timeout (the issuer's lock is held meanwhile), and the token is refused, not hung."""
+    server.document = {"keys": [jwk_entry(ec_key, "ec1")]}
+    server.trickle = 0.05
+    registry = make_registry(JwksSource(url=server.url)).model_copy(update={"jwks_fetch_timeout": 0.5})
+    verifier = TokenVerifier(registry, clock=clock)
+    started = time.monotonic()
+    with pytest.raises(TokenError, match="unavailable"):
+        verifier.verify(mint(ec_key))
+    assert time.monotonic() - started < 2.0

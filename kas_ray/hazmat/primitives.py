@@ -66,6 +66,12 @@ def constant_time_equal(a: bytes, b: bytes) -> bool:
 
 
 # --- RSA ---------------------------------------------------------------------------------------------
+def oaep_hash_for(algorithm: str | None) -> OaepHash:
+    """The OAEP hash clients wrap with for an RSA KAS key of ``algorithm`` when nothing says otherwise:
+    SHA-1 for rsa:2048 (what OpenTDF clients use), SHA-256 for larger keys."""
+    return "sha1" if algorithm == "rsa:2048" else "sha256"
+
+
 def _oaep(hash_name: OaepHash) -> padding.OAEP:
     try:
         algorithm = _OAEP_HASHES[hash_name]()

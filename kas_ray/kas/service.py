@@ -515,7 +515,7 @@ class RewrapService:
         if isinstance(exc, AccessDenied):
             error = OPENTDF_FORBIDDEN
         elif exc.http_status >= 500:  # HSM, peer or deadline: worth a retry, unlike a refusal
-            error = f"rpc error: code = Unavailable desc = {exc.message}"
+            error = f"rpc error: code = Unavailable desc = {exc.public_message}"
         else:
             error = OPENTDF_BAD_REQUEST
         return KaoResult(key_access_object_id=item.key_access_object_id, status="fail", error=error)

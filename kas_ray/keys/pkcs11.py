@@ -260,7 +260,7 @@ def _spec_from_config(cfg: Pkcs11KeyConfig) -> _KeySpec:
     except ValueError:
         raise ConfigError(f"pkcs11 key {cfg.kid}: id_hex is not hex") from None
     label = cfg.label if cfg.label is not None else (None if key_id is not None else cfg.kid)
-    oaep = None if cfg.algorithm.startswith("ec:") else (cfg.oaep_hash or "sha256")
+    oaep = None if cfg.algorithm.startswith("ec:") else (cfg.oaep_hash or P.oaep_hash_for(cfg.algorithm))
     return _KeySpec(kid=cfg.kid, label=label, id=key_id, algorithm=cfg.algorithm,  # type: ignore[arg-type]
                     oaep_hash=oaep, status=cfg.status)
 
@@ -522,7 +522,7 @@ class Pkcs11Backend(KeyBackend):
             algorithm = _algorithm_of(spec, public_key)
             oaep = spec.oaep_hash
             if discovered and algorithm.startswith("rsa:"):
-                oaep = "sha1" if algorithm == "rsa:2048" else "sha256"  # what KasClient uses by algorithm
+                oaep = P.oaep_hash_for(algorithm)  # what KasClient uses by algorithm
             spec = _KeySpec(kid=spec.kid, label=spec.label, id=spec.id, algorithm=algorithm, oaep_hash=oaep,
                             status=spec.status)
             self._self_test(spec, private, public_key)
@@ -812,7 +812,7 @@ def _token_key(pkcs11: ModuleType, session: Any, spec: _KeySpec) -> TokenKey | N
         return None
     public_key = _public_key(pkcs11, spec, private, _find_one(session, pkcs11, spec, pkcs11.ObjectClass.PUBLIC_KEY))
     algorithm = _algorithm_of(spec, public_key)
-    oaep = spec.oaep_hash or (None if algorithm.startswith("ec:") else "sha1" if algorithm == "rsa:2048" else "sha256")
+    oaep = spec.oaep_hash or (None if algorithm.startswith("ec:") else P.oaep_hash_for(algorithm))
     key_id = bytes(private[A.ID] or b"")
     return TokenKey(kid=spec.kid, label=_label(private[A.LABEL] or "") or None, id_hex=key_id.hex() or None,
                     algorithm=algorithm, oaep_hash=oaep, public_key_pem=P.public_key_pem(public_key),
@@ -835,7 +835,7 @@ def generate_key(module: str, slot: int, user_pin: str, label: str, algorithm: K
         raise ConfigError(f"unsupported algorithm {algorithm!r} (one of {', '.join(ALGORITHMS)})")
     key_id = bytes.fromhex(id_hex) if id_hex else hashlib.sha256(label.encode()).digest()[:8]
     is_ec = algorithm.startswith("ec:")
-    oaep = None if is_ec else (oaep_hash or ("sha1" if algorithm == "rsa:2048" else "sha256"))
+    oaep = None if is_ec else (oaep_hash or P.oaep_hash_for(algorithm))
     spec = _KeySpec(kid=kid or label, label=label, id=None, algorithm=algorithm, oaep_hash=oaep)
     with _provision_lock(module, slot), _user_session(module, slot, user_pin, rw=True) as session:
         existing = _token_key(pkcs11, session, spec)

@@ -165,8 +165,7 @@ class SoftwareKeystore(KeyBackend):
     def add_key(self, algorithm: KeyAlgorithm, oaep_hash: P.OaepHash | None = None) -> KeyInfo:
         """Rotate: a new active key of ``algorithm``; the previous one is retired but still decrypts."""
         if algorithm.startswith("rsa:") and oaep_hash is None:
-            # What clients use for this algorithm (KasClient.public_key): OAEP-SHA1 for OpenTDF rsa:2048.
-            oaep_hash = "sha1" if algorithm == "rsa:2048" else "sha256"
+            oaep_hash = P.oaep_hash_for(algorithm)  # what clients use (KasClient.public_key)
         infos = [i.model_copy(update={"status": "retired"}) if i.algorithm == algorithm and i.status == "active"
                  else i for i in self._infos]
         info = self._create_key(algorithm, oaep_hash, infos)

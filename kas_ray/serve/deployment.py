@@ -136,7 +136,7 @@ async def handle_envelope(handler: Callable[..., Awaitable[Any]], *args: Any) ->
     try:
         return {"ok": await handler(*args)}
     except KasRayError as exc:
-        return {"error": {"code": exc.code, "message": exc.message}}
+        return {"error": {"code": exc.code, "message": exc.public_message}}
 
 
 # Serve serializes the class when it is decorated: everything it uses must be defined above it.

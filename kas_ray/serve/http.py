@@ -84,7 +84,9 @@ def error_response(exc: KasRayError, headers: dict[str, str] | None = None) -> J
     retry_after = getattr(exc, "retry_after", None)  # rate limited (429), shared store down (503)
     if isinstance(retry_after, int | float):
         headers = {**(headers or {}), "Retry-After": str(max(1, math.ceil(retry_after)))}
-    return JSONResponse({"code": code, "message": exc.message, "error": exc.code}, status_code=status,
+    if exc.public_message != exc.message:
+        logger.warning("%s answered as %d: %s", exc.code, status, exc.message)
+    return JSONResponse({"code": code, "message": exc.public_message, "error": exc.code}, status_code=status,
                         headers=headers)
 
 
@@ -254,7 +256,8 @@ class KasHttpApi:
             checks["hsm"] = health.ok
             checks["keys"] = health.keys
         except KasRayError as exc:
-            checks["hsm"], checks["hsm_error"] = False, exc.message
+            logger.warning("readiness: key backend check failed: %s", exc.message)
+            checks["hsm"], checks["hsm_error"] = False, exc.public_message
         checks["trust"] = bool(self.service.trust.issuers)
         ready = bool(checks.get("hsm")) and checks.get("keys", 0) > 0 and checks["trust"]
         return JSONResponse({"status": "ready" if ready else "not ready", "nation": self.service.nation,

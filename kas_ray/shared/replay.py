@@ -36,7 +36,9 @@ class RedisReplayStore(ReplayStore):
         self.on_redis_down = on_redis_down
         self.local = MemoryReplayStore(max_local_entries) if on_redis_down == "local" else None
         #: Accepted locally while Redis was down: name → (wall-clock expiry); written back when it returns.
+        #: Bounded like the local store: a long outage must not grow it without end.
         self._pending: dict[str, float] = {}
+        self._max_pending = max_local_entries
         self.counters: Counter[str] = Counter()
 
     def name(self, key: str) -> str:
@@ -60,7 +62,7 @@ class RedisReplayStore(ReplayStore):
             first = self.local.check_and_store(key, ttl_seconds)
             self.counters["local_accepted" if first else "replays"] += 1
             if first:
-                self._pending[name] = time.time() + ttl_seconds
+                self._remember(name, time.time() + ttl_seconds)
             return first
         first = bool(created)
         if self.local is not None:
@@ -70,6 +72,18 @@ class RedisReplayStore(ReplayStore):
                 await self._write_back()
         self.counters["accepted" if first else "replays"] += 1
         return first
+
+    def _remember(self, name: str, expiry: float) -> None:
+        self._pending[name] = expiry
+        if len(self._pending) <= self._max_pending:
+            return
+        # Over the bound: drop what expired, then what expires first (down to 90 %, so this runs rarely).
+        # A dropped name is still refused here while the local store holds it, as without Redis at all.
+        now = time.time()
+        live = sorted(((e, n) for n, e in self._pending.items() if e > now), reverse=True)
+        keep = live[: int(self._max_pending * 0.9) or 1]
+        self.counters["pending_dropped"] += len(self._pending) - len(keep)
+        self._pending = {n: e for e, n in keep}
 
     async def _write_back(self) -> None:
         pending, self._pending = self._pending, {}

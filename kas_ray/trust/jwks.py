@@ -279,8 +279,13 @@ class JwksCache:
         return _json_document(raw)
 
     def _fetch(self, url: str) -> bytes:
-        """GET the pinned URL: no redirects (they would un-pin it), bounded time and size."""
+        """GET the pinned URL: no redirects (they would un-pin it), bounded time and size.
+
+        The timeout bounds each read; the whole fetch is bounded too (a source trickling bytes holds the
+        issuer's lock, and every token with an unknown kid waits on it), checked as each chunk arrives.
+        """
         client = self._client()
+        deadline = time.monotonic() + self._registry.jwks_fetch_timeout
         try:
             with client.stream(
                 "GET",
@@ -296,6 +301,8 @@ class JwksCache:
                     body += chunk
                     if len(body) > MAX_JWKS_BYTES:
                         raise _JwksLoadError("JWKS document too large")
+                    if time.monotonic() > deadline:
+                        raise _JwksLoadError(f"GET {url} took longer than {self._registry.jwks_fetch_timeout:g} s")
                 return bytes(body)
         except httpx.HTTPError as exc:
             raise _JwksLoadError(f"GET {url} failed: {type(exc).__name__}") from exc
