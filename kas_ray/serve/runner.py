@@ -113,6 +113,7 @@ def try_it(urls: dict[str, str], state_dir: str) -> str:
     return (
         "Try it:\n"
         f"  export KAS_RAY_STATE_DIR={state_dir}\n"
+        f"  export KAS_RAY_ALLOWED_KAS={','.join(urls.values())}  # the KAS decrypt may send your token to\n"
         "  echo 'attack at dawn' > plan.txt\n"
         f"  kas-ray encrypt plan.txt -o plan.tdf {kas} --classification SECRET "
         f"--releasable-to {first_nation} --releasable-to FRA\n"
