@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -157,15 +158,24 @@ def _open_input(path: str):  # type: ignore[no-untyped-def]
 
 
 def _write_atomically(path: str, write) -> None:  # type: ignore[no-untyped-def]
-    """Write to ``path.partial`` and rename on success: a failed run leaves no half file behind."""
+    """Write to a new ``path.<random>.partial`` and rename on success: a failed run leaves no half file.
+
+    The file is created 0600 with O_EXCL (``mkstemp``): a decrypted document is nobody else's to read,
+    and a link planted at a predictable name is never written through.
+    """
     if path == "-":
         write(open(sys.stdout.fileno(), "wb", closefd=False))
         return
-    partial = Path(f"{path}.partial")
+    target = Path(path)
     try:
-        with open(partial, "wb") as out:
+        fd, name = tempfile.mkstemp(dir=target.parent, prefix=f"{target.name}.", suffix=".partial")
+    except OSError as exc:
+        raise CliError(f"cannot write {path}: {exc.strerror}") from None
+    partial = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as out:
             write(out)
-        os.replace(partial, path)
+        os.replace(partial, target)
     except OSError as exc:
         partial.unlink(missing_ok=True)
         raise CliError(f"cannot write {path}: {exc.strerror}") from None

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import socket
+import stat
 import subprocess
 import sys
 import zipfile
@@ -487,3 +488,39 @@ def test_console_script_smoke() -> None:
     assert proc.returncode == 0, proc.stderr
     for command in ("token", "encrypt", "decrypt", "inspect", "demo"):
         assert command in proc.stdout
+
+
+def test_outputs_are_private_and_never_written_through_a_planted_link(co: Coalition,
+                                                                       capsys: pytest.CaptureFixture[str],
+                                                                       tmp_path: Path) -> None:
+    """A decrypted document is 0600 whatever the umask, and a link planted where the output or its old
+    fixed ``.partial`` name would go is replaced, never written through."""
+    src, dst = tmp_path / "doc.txt", tmp_path / "doc.tdf"
+    src.write_text("for the owner only")
+    victim = tmp_path / "victim"
+    victim.write_text("untouched")
+    (tmp_path / "doc.tdf.partial").symlink_to(victim)
+    old = os.umask(0o022)
+    try:
+        assert run(capsys, *encrypt_args(src, dst, [(co.url("USA"), co.key_file("USA"))]))[0] == 0
+    finally:
+        os.umask(old)
+    assert victim.read_text() == "untouched"
+    assert dst.is_file() and not dst.is_symlink() and stat.S_IMODE(dst.stat().st_mode) == 0o600
+    assert not [p for p in tmp_path.glob("doc.tdf.*.partial")]
+    out = tmp_path / "doc.out"
+    out.symlink_to(victim)
+    cli._write_atomically(str(out), lambda fh: fh.write(b"plaintext"))
+    assert victim.read_text() == "untouched" and not out.is_symlink() and out.read_bytes() == b"plaintext"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+
+
+def test_the_prod_profile_never_starts_ray_without_token_authentication(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whoever reaches a Ray cluster without authentication can call a nation's HSM actor for shares."""
+    from kas_ray.errors import ConfigError
+    from kas_ray.serve.runner import AUTH_MODE_ENV, start_ray
+
+    monkeypatch.setenv(AUTH_MODE_ENV, "disabled")
+    with pytest.raises(ConfigError, match="token authentication"):
+        start_ray(profile="prod")
+    assert os.environ[AUTH_MODE_ENV] == "disabled"  # refused before anything was changed or started

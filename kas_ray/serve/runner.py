@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kas_ray.config import DEFAULT_NATIONS, NationSettings, Profile
+from kas_ray.errors import ConfigError
 
 #: Same auth mode for the cluster we start and any `ray`/`serve` CLI the operator runs next to it.
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
@@ -34,8 +35,6 @@ def load_nation_overrides(path: str | os.PathLike[str] | None) -> dict[str, dict
     if path is None:
         return {}
     import yaml
-
-    from kas_ray.errors import ConfigError
 
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
@@ -65,8 +64,6 @@ def deploy(settings: list[NationSettings], *, index: bool = True,
         federation = nation.federation
         if federation is not None and federation.gateway_port is not None:
             if federation.tls is None:
-                from kas_ray.errors import ConfigError
-
                 raise ConfigError(f"{nation.nation}: a federation gateway needs federation.tls (mutual TLS)")
             from kas_ray.federation.gateway import start_gateway
 
@@ -77,10 +74,18 @@ def deploy(settings: list[NationSettings], *, index: bool = True,
     return urls
 
 
-def start_ray(*, num_cpus: int | None = None) -> None:
+def start_ray(*, profile: Profile = "dev", num_cpus: int | None = None) -> None:
+    """Join ``$RAY_ADDRESS`` or start a local node. Ray's token authentication stays on under the prod
+    profile: whoever can call a nation's HSM actor gets shares without a token or a policy check."""
     from kas_ray.serve.actors import NAMESPACE
 
-    os.environ.setdefault(AUTH_MODE_ENV, "disabled")
+    if profile == "prod":
+        if os.environ.get(AUTH_MODE_ENV, "token") != "token":
+            raise ConfigError(f"the prod profile runs Ray with token authentication: unset {AUTH_MODE_ENV} or set "
+                              "it to token (docs/security.md)")
+        os.environ[AUTH_MODE_ENV] = "token"
+    else:
+        os.environ.setdefault(AUTH_MODE_ENV, "disabled")  # dev: local tools and the CLI need no Ray token
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # our own lines say what is up
     address = os.environ.get("RAY_ADDRESS") or "local"
     init_ray(address=address, namespace=NAMESPACE, include_dashboard=False, num_cpus=num_cpus,
@@ -134,7 +139,7 @@ def running_cluster(state_dir: str | os.PathLike[str], *, host: str = "127.0.0.1
 
     nations = [n.upper() for n in (nations or DEFAULT_NATIONS)]
     Path(state_dir).mkdir(parents=True, exist_ok=True)
-    start_ray()
+    start_ray(profile=profile)
     try:
         serve.start(http_options={"host": host, "port": port})
         public = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"  # noqa: S104
