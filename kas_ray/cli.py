@@ -572,6 +572,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KasRayError as exc:
         print(f"kas-ray: {exc.code}: {_one_line(exc.message)}", file=sys.stderr)
         return _exit_code(exc)
+    except OSError as exc:  # an unreadable or unwritable file the command was pointed at
+        print(f"kas-ray: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("kas-ray: interrupted", file=sys.stderr)
         return 130

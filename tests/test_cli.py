@@ -13,6 +13,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -524,3 +525,14 @@ def test_the_prod_profile_never_starts_ray_without_token_authentication(monkeypa
     with pytest.raises(ConfigError, match="token authentication"):
         start_ray(profile="prod")
     assert os.environ[AUTH_MODE_ENV] == "disabled"  # refused before anything was changed or started
+
+
+def test_serve_under_prod_without_a_trust_registry_says_so_in_one_line(capsys: pytest.CaptureFixture[str],
+                                                                          tmp_path: Path) -> None:
+    """A replica would refuse it at start and Serve would report a timeout two minutes later: the CLI says
+    why at once, before starting Ray."""
+    started = time.monotonic()
+    code = cli.main(["serve", "--profile", "prod", "--state-dir", str(tmp_path), "--port", str(free_port())])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1 and "needs a trust_registry" in err, err
+    assert time.monotonic() - started < 10

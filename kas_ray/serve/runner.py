@@ -139,11 +139,17 @@ def running_cluster(state_dir: str | os.PathLike[str], *, host: str = "127.0.0.1
 
     nations = [n.upper() for n in (nations or DEFAULT_NATIONS)]
     Path(state_dir).mkdir(parents=True, exist_ok=True)
+    public = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"  # noqa: S104
+    settings = nation_settings(state_dir, nations, public, profile=profile, per_nation=per_nation)
+    if profile == "prod":  # what a replica would refuse at start, said here in one line (not a Serve timeout)
+        from kas_ray.serve.deployment import load_trust
+
+        for nation in settings:
+            load_trust(nation)
     start_ray(profile=profile)
     try:
         serve.start(http_options={"host": host, "port": port})
-        public = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"  # noqa: S104
-        urls = deploy(nation_settings(state_dir, nations, public, profile=profile, per_nation=per_nation))
+        urls = deploy(settings)
         _wait_ready(list(urls.values()))
         try:
             yield urls
