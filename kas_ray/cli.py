@@ -15,7 +15,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from kas_ray.config import DEFAULT_NATIONS, AbacConfig, default_state_dir, load_yaml
+from kas_ray.config import (
+    DEFAULT_BASE_URL,
+    DEFAULT_HOST,
+    DEFAULT_NATIONS,
+    DEFAULT_PORT,
+    AbacConfig,
+    default_state_dir,
+    load_yaml,
+)
 from kas_ray.errors import (
     AccessDenied,
     ConfigError,
@@ -200,7 +208,7 @@ def _token(args: argparse.Namespace) -> str:
 def _allowed_kas(args: argparse.Namespace) -> list[str]:
     """The KAS the token may go to: --allow-kas, else $KAS_RAY_ALLOWED_KAS, else `kas-ray serve`'s defaults."""
     urls = list(args.allow_kas or []) or os.environ.get(ALLOWED_KAS_ENV, "").replace(",", " ").split()
-    return urls or [f"http://127.0.0.1:8000/{nation.lower()}" for nation in DEFAULT_NATIONS]
+    return urls or [f"{DEFAULT_BASE_URL}/{nation.lower()}" for nation in DEFAULT_NATIONS]
 
 
 def cmd_decrypt(args: argparse.Namespace) -> int:
@@ -503,8 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run every nation's KAS on local Ray Serve until Ctrl-C")
     state(p)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default=DEFAULT_HOST)
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
     p.add_argument("--nation", action="append", help="nations (default USA, FRA, GBR)")
     p.add_argument("--profile", default=os.environ.get(PROFILE_ENV, "dev"), choices=["dev", "prod"])
     p.add_argument("--nation-config", help="YAML mapping a nation to settings (federation registry, limits, ...)")

@@ -21,6 +21,9 @@ from kas_ray.errors import ConfigError
 #: NATO levels, lowest first. National names map onto these through ``clearance_equivalence``.
 NATO_LEVELS = ["UNCLASSIFIED", "RESTRICTED", "CONFIDENTIAL", "SECRET", "TOP_SECRET"]
 DEFAULT_NATIONS = ["USA", "FRA", "GBR"]
+#: Where `kas-ray serve` listens by default; nation KAS URLs are ``{DEFAULT_BASE_URL}/{nation}``.
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
+DEFAULT_BASE_URL = f"http://{DEFAULT_HOST}:{DEFAULT_PORT}"
 DEFAULT_AUDIENCE = "kas-ray"
 STATE_DIR_ENV = "KAS_RAY_STATE_DIR"
 

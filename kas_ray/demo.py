@@ -21,7 +21,7 @@ from typing import TextIO
 
 from kas_ray.audit import AuditAction, AuditEvent, JsonLinesAuditSink
 from kas_ray.client import HomeKasClient, HttpTransport, KasClient, LocalTransport, Transport
-from kas_ray.config import AbacConfig
+from kas_ray.config import DEFAULT_BASE_URL, AbacConfig
 from kas_ray.errors import AccessDenied, KasRayError
 from kas_ray.kas.local import build_local_services, nation_url
 from kas_ray.policy import attribute_fqn
@@ -108,7 +108,7 @@ def run_demo(state_dir: str | os.PathLike[str], nations: list[str] | None = None
     state = Path(state_dir)
     (state / "audit").mkdir(parents=True, exist_ok=True)
     if in_process:
-        base_url = "http://127.0.0.1:8000"
+        base_url = DEFAULT_BASE_URL
         sink = JsonLinesAuditSink(state / "audit" / "in-process.jsonl")
         services = build_local_services(state, nations, base_url=base_url, audit=sink, federate=True)
         transport = LocalTransport(services)

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from kas_ray.audit import AuditSink, JsonLinesAuditSink
-from kas_ray.config import DEFAULT_NATIONS, AbacConfig, FederationConfig, PeerConfig, Profile
+from kas_ray.config import DEFAULT_BASE_URL, DEFAULT_NATIONS, AbacConfig, FederationConfig, PeerConfig, Profile
 from kas_ray.federation.broker import Federation
 from kas_ray.federation.envelope import FederationKey
 from kas_ray.federation.peers import LocalPeerTransport
@@ -31,7 +31,7 @@ def build_local_services(
     state_dir: str | os.PathLike[str],
     nations: list[str] | None = None,
     *,
-    base_url: str = "http://127.0.0.1:8000",
+    base_url: str = DEFAULT_BASE_URL,
     profile: Profile = "dev",
     abac: AbacConfig | None = None,
     audit: AuditSink | None = None,

@@ -16,7 +16,6 @@ import base64
 import contextlib
 import functools
 import hashlib
-import hmac
 import inspect
 import time
 import uuid
@@ -64,10 +63,10 @@ from kas_ray.trust import (
     TokenVerifier,
     VerifiedToken,
     averify_dpop,
-    jwk_thumbprint,
     parse_authorization,
     verify_signed_request,
 )
+from kas_ray.trust.dpop import jwk_has_thumbprint
 from kas_ray.ztdf.keyaccess import decode_wrapped_key
 from kas_ray.ztdf.manifest import KeyAccessObject
 from kas_ray.ztdf.policy import Policy, verify_binding
@@ -166,6 +165,11 @@ class _PolicyWork:
     @property
     def digest(self) -> str:
         return hashlib.sha256(self.policy_b64.encode()).hexdigest()
+
+    @property
+    def audit_uuid(self) -> str | None:
+        """The policy's client-chosen uuid as the audit records it (:func:`audit_id`)."""
+        return audit_id(self.policy.uuid) if self.policy else None
 
 
 class RewrapService:
@@ -606,11 +610,7 @@ class RewrapService:
         Otherwise any KAS holding a user's token could have a peer rewrap shares to a key of its own.
         """
         jwk = body.get("dpopJwk")
-        try:
-            bound = isinstance(jwk, dict) and hmac.compare_digest(jwk_thumbprint(jwk).encode(), jkt.encode())
-        except ValueError:  # not a JWK we can take the thumbprint of
-            bound = False
-        if not bound:
+        if not jwk_has_thumbprint(jwk, jkt):
             raise DPoPError("the user's token is DPoP-bound: the forward must carry that DPoP key")
         srt = body.get("signedRequestToken")
         if not isinstance(srt, str):
@@ -636,7 +636,7 @@ class RewrapService:
         self.audit.emit(AuditEvent(
             action=action, request_id=ctx.call.request_id, nation=self.nation, subject=ctx.verified.subject,
             issuer=ctx.verified.issuer, kid=info.kid if info else showable(item.key_access_object.kid),
-            kao_id=audit_id(item.key_access_object_id), policy_uuid=audit_id(work.policy.uuid) if work.policy else None,
+            kao_id=audit_id(item.key_access_object_id), policy_uuid=work.audit_uuid,
             policy_digest=work.digest, decision=outcome, reasons=reasons,
             error_code=error.code if error else None, latency_ms=round((time.perf_counter() - started) * 1e3, 3),
             hops=ctx.call.hops,
@@ -646,7 +646,7 @@ class RewrapService:
                           reasons: list[str], started: float, error: KasRayError | None = None) -> None:
         self.audit.emit(AuditEvent(
             action=action, request_id=ctx.call.request_id, nation=self.nation, subject=ctx.verified.subject,
-            issuer=ctx.verified.issuer, peer=peer, policy_uuid=audit_id(work.policy.uuid) if work.policy else None,
+            issuer=ctx.verified.issuer, peer=peer, policy_uuid=work.audit_uuid,
             policy_digest=work.digest, decision="error" if error else "routed", reasons=reasons,
             error_code=error.code if error else None, latency_ms=round((time.perf_counter() - started) * 1e3, 3),
             hops=ctx.call.hops,

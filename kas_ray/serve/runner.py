@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from kas_ray.config import DEFAULT_NATIONS, NationSettings, Profile
+from kas_ray.config import DEFAULT_HOST, DEFAULT_NATIONS, DEFAULT_PORT, NationSettings, Profile
 from kas_ray.errors import ConfigError
 
 #: Same auth mode for the cluster we start and any `ray`/`serve` CLI the operator runs next to it.
@@ -128,7 +128,7 @@ def try_it(urls: dict[str, str], state_dir: str) -> str:
 
 
 @contextlib.contextmanager
-def running_cluster(state_dir: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int = 8000,
+def running_cluster(state_dir: str | os.PathLike[str], *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
                     nations: list[str] | None = None, profile: Profile = "dev",
                     per_nation: dict[str, dict[str, Any]] | None = None) -> Iterator[dict[str, str]]:
     """Local Ray + every nation's KAS, ready; yields nation → URL and tears everything down after."""
@@ -168,7 +168,7 @@ def _stop_gateways(nations: list[str]) -> None:
         stop_gateway(nation)
 
 
-def serve_forever(state_dir: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int = 8000,
+def serve_forever(state_dir: str | os.PathLike[str], *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
                   nations: list[str] | None = None, profile: Profile = "dev",
                   per_nation: dict[str, dict[str, Any]] | None = None,
                   out: Callable[[str], None] = print, stop: threading.Event | None = None) -> int:

@@ -73,6 +73,14 @@ def jwk_thumbprint(jwk: Mapping[str, Any]) -> str:
     return b64url(hashlib.sha256(canonical.encode("utf-8")).digest())
 
 
+def jwk_has_thumbprint(jwk: object, jkt: str) -> bool:
+    """Whether ``jwk`` is a JWK whose RFC 7638 thumbprint is ``jkt`` (constant time; False for a non-JWK)."""
+    try:
+        return isinstance(jwk, dict) and hmac.compare_digest(jwk_thumbprint(jwk).encode(), jkt.encode())
+    except ValueError:  # not a JWK we can take the thumbprint of
+        return False
+
+
 def access_token_hash(access_token: str) -> str:
     """The ``ath`` claim: base64url(SHA-256(ASCII access token)), unpadded.
 
